@@ -1,0 +1,25 @@
+"""The errors onnx-forget raises, each tied to one documented exit code."""
+
+
+class ForgetError(Exception):
+    """Base of every error the tool reports to the user as one line."""
+
+    exit_code = 1
+
+
+class InputError(ForgetError):
+    """Bad usage or unreadable input: a path, an option, a sample file."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(ForgetError):
+    """The model is valid input but outside what onnx-forget can rewrite or run."""
+
+    exit_code = 3
+
+
+class VerificationError(ForgetError):
+    """The rewritten model failed the checker, did not load, or changed its signature."""
+
+    exit_code = 4

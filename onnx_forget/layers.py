@@ -1,0 +1,270 @@
+"""Which weights can be projected, where their values live and how they are oriented."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Nodes a constant weight may pass through on its way to a layer; each is invertible, so
+# the projected weight can be written back into the stored tensor.
+WEIGHT_PASSTHROUGH = ("Identity", "Transpose", "Cast", "Reshape")
+PROJECTABLE_OPS = ("Conv", "Gemm", "MatMul")
+PROJECTABLE_DTYPES = (np.float16, np.float32, np.float64)
+
+# Orientation of the weight as the layer uses it.
+CONV = "conv"  # [out, in/groups, *kernel]: per group a [out/groups, d] matrix
+OUT_IN = "out_in"  # [out, in]: Gemm with transB=1, y = x W^T
+IN_OUT = "in_out"  # [in, out]: MatMul and Gemm with transB=0, y = x B
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What decides a conv's receptive-field patches: the im2col of its input."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # begins then ends, as in ONNX
+    auto_pad: str
+    groups: int
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """A stored constant and the pass-through nodes between it and the layer.
+
+    `tensor` is an initializer's name or a Constant node's output; `chain` lists the node
+    names from the stored tensor to the layer's weight input, in graph order.
+    """
+
+    tensor: str
+    is_initializer: bool
+    chain: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One projectable layer: `d` is the size of the input vectors its weight sees."""
+
+    node: str
+    op: str
+    input: str
+    weight: WeightSource
+    weight_shape: tuple[int, ...]  # as the layer sees it, after the chain
+    weight_dtype: np.dtype
+    orientation: str
+    groups: int
+    d: int
+    geometry: ConvGeometry | None
+    shared: bool  # the stored weight also feeds another consumer: it gets its own copy
+
+    @property
+    def statistic_key(self) -> tuple:
+        """Layers reading the same tensor the same way share one Gram matrix."""
+        return (self.input, self.geometry)
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LayerScan:
+    layers: tuple[Layer, ...]
+    skipped: tuple[SkippedLayer, ...]
+
+
+def node_names(graph: onnx.GraphProto) -> list[str]:
+    """A unique name per node; unnamed nodes are called `<op>_<index>`."""
+    return [node.name or f"{node.op_type}_{index}" for index, node in enumerate(graph.node)]
+
+
+class _GraphIndex:
+    """Look-ups over the top-level graph: producers, consumers, constants."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.names = node_names(graph)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producer = {}
+        self.consumers = Counter()
+        for index, node in enumerate(graph.node):
+            for name in node.output:
+                self.producer[name] = index
+            for name in node.input:
+                self.consumers[name] += 1
+        for output in graph.output:
+            self.consumers[output.name] += 1
+        self.node_by_name = dict(zip(self.names, graph.node))
+        graph_inputs = {i.name for i in graph.input}
+        self.runtime_inputs = graph_inputs - set(self.initializers)
+
+    def constant_tensor(self, name: str) -> onnx.TensorProto | None:
+        """The TensorProto behind `name` if it is an initializer or a Constant's value."""
+        if name in self.initializers:
+            return self.initializers[name]
+        index = self.producer.get(name)
+        if index is not None and self.graph.node[index].op_type == "Constant":
+            for attribute in self.graph.node[index].attribute:
+                if attribute.name == "value":
+                    return attribute.t
+        return None
+
+    def trace_weight(self, name: str) -> WeightSource | str:
+        """Follow pass-through nodes back to a stored constant, or say why not."""
+        chain = []
+        while True:
+            if self.constant_tensor(name) is not None:
+                return WeightSource(name, name in self.initializers, tuple(reversed(chain)))
+            if name in self.runtime_inputs:
+                return f"weight {name!r} is a graph input"
+            index = self.producer.get(name)
+            if index is None:
+                return f"weight {name!r} has no producer"
+            node = self.graph.node[index]
+            if node.op_type not in WEIGHT_PASSTHROUGH:
+                return f"weight is computed at run time (by {node.op_type})"
+            if node.op_type == "Reshape" and self.constant_tensor(node.input[1]) is None:
+                return "weight is reshaped to a run-time shape"
+            chain.append(self.names[index])
+            name = node.input[0]
+
+    def is_exclusive(self, source: WeightSource) -> bool:
+        """True when the stored weight and its chain feed one consumer and nothing else."""
+        names_on_path = [source.tensor] + [self.node_by_name[n].output[0] for n in source.chain]
+        return all(self.consumers[name] == 1 for name in names_on_path)
+
+
+def weight_shape_through(
+    index: _GraphIndex, source: WeightSource
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the weight after its pass-through chain."""
+    tensor = index.constant_tensor(source.tensor)
+    shape = tuple(tensor.dims)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    for name in source.chain:
+        node = index.node_by_name[name]
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Transpose":
+            perm = attributes.get("perm", tuple(reversed(range(len(shape)))))
+            shape = tuple(shape[p] for p in perm)
+        elif node.op_type == "Cast":
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(attributes["to"]))
+        elif node.op_type == "Reshape":
+            target = numpy_helper.to_array(index.constant_tensor(node.input[1]))
+            shape = reshape_target(shape, target, attributes.get("allowzero", 0))
+    return shape, dtype
+
+
+def reshape_target(shape: tuple[int, ...], target, allowzero: int = 0) -> tuple[int, ...]:
+    """ONNX Reshape's output shape: 0 copies a dim (unless allowzero), -1 is inferred."""
+    dims = [shape[i] if (int(d) == 0 and not allowzero) else int(d) for i, d in enumerate(target)]
+    if -1 in dims:
+        known = int(np.prod([d for d in dims if d != -1]))
+        dims[dims.index(-1)] = int(np.prod(shape)) // known if known else 0
+    return tuple(dims)
+
+
+def scan_layers(model: onnx.ModelProto) -> LayerScan:
+    """List the projectable layers of the top-level graph and the ones skipped, with why."""
+    index = _GraphIndex(model.graph)
+    layers, skipped = [], []
+    for name, node in zip(index.names, model.graph.node):
+        if node.op_type in PROJECTABLE_OPS:
+            found = _layer(index, name, node)
+            if isinstance(found, Layer):
+                layers.append(found)
+            else:
+                skipped.append(SkippedLayer(name, node.op_type, found))
+        for owner, inner in _subgraph_layers(node):
+            skipped.append(SkippedLayer(inner.name or owner, inner.op_type, "inside a subgraph"))
+    sources = Counter(layer.weight.tensor for layer in layers)
+    layers = [
+        dataclasses.replace(
+            layer,
+            shared=sources[layer.weight.tensor] > 1 or not index.is_exclusive(layer.weight),
+        )
+        for layer in layers
+    ]
+    return LayerScan(tuple(layers), tuple(skipped))
+
+
+def _subgraph_layers(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.NodeProto]]:
+    for attribute in node.attribute:
+        graphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                if inner.op_type in PROJECTABLE_OPS:
+                    yield node.name, inner
+                yield from _subgraph_layers(inner)
+
+
+def _layer(index: _GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
+    """The Layer for a Conv/Gemm/MatMul node, or the reason it cannot be projected."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if len(node.input) < 2:
+        return "missing weight input"
+    data, weight = node.input[0], node.input[1]
+    if node.op_type == "Gemm" and attributes.get("transA", 0):
+        return "Gemm with transA=1"
+    if index.constant_tensor(data) is not None:
+        return "the layer's input is a constant"
+    source = index.trace_weight(weight)
+    if isinstance(source, str):
+        return source
+    shape, dtype = weight_shape_through(index, source)
+    stored = index.constant_tensor(source.tensor)
+    stored_dtype = helper.tensor_dtype_to_np_dtype(stored.data_type)
+    if stored_dtype not in PROJECTABLE_DTYPES or dtype not in PROJECTABLE_DTYPES:
+        return f"weight stored as {np.dtype(stored_dtype).name}, not a float type"
+    geometry = None
+    if node.op_type == "Conv":
+        if len(shape) < 3:
+            return f"conv weight of rank {len(shape)}"
+        groups = int(attributes.get("group", 1))
+        spatial = len(shape) - 2
+        kernel = tuple(shape[2:])
+        geometry = ConvGeometry(
+            kernel=kernel,
+            strides=tuple(attributes.get("strides", (1,) * spatial)),
+            dilations=tuple(attributes.get("dilations", (1,) * spatial)),
+            pads=tuple(attributes.get("pads", (0,) * 2 * spatial)),
+            auto_pad=_text(attributes.get("auto_pad", "NOTSET")),
+            groups=groups,
+        )
+        orientation, d = CONV, shape[1] * int(np.prod(kernel))
+        if shape[0] % groups:
+            return f"{shape[0]} output channels do not split into {groups} groups"
+    else:
+        if len(shape) != 2:
+            return f"weight of rank {len(shape)} (only 2-D weights are projected)"
+        groups = 1
+        transposed = node.op_type == "Gemm" and attributes.get("transB", 0)
+        orientation = OUT_IN if transposed else IN_OUT
+        d = shape[1] if transposed else shape[0]
+    return Layer(
+        node=name,
+        op=node.op_type,
+        input=data,
+        weight=source,
+        weight_shape=shape,
+        weight_dtype=np.dtype(dtype),
+        orientation=orientation,
+        groups=groups,
+        d=d,
+        geometry=geometry,
+        shared=False,
+    )
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,191 @@
+"""Write the projected weights into a copy of the model; nothing else changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .layers import CONV, IN_OUT, OUT_IN, Layer, node_names, reshape_target
+
+
+def project_weight(weight: np.ndarray, layer: Layer, projection: np.ndarray) -> np.ndarray:
+    """The layer's weight (as the layer sees it) with its input side projected.
+
+    `projection` is `[groups, d, d]`. Viewed as `W` `[out, d]` per group the update is
+    `W' = W P^T`; a weight stored `[K, N]` (`y = x B`) is `W^T`, so it becomes `B' = P B`.
+    """
+    if layer.orientation == CONV:
+        out = weight.shape[0]
+        per_group = weight.reshape(layer.groups, out // layer.groups, layer.d)
+        return (per_group @ projection.transpose(0, 2, 1)).reshape(weight.shape)
+    if layer.orientation == OUT_IN:
+        return weight @ projection[0].T
+    if layer.orientation == IN_OUT:
+        return projection[0] @ weight
+    raise ValueError(f"unknown orientation {layer.orientation!r}")
+
+
+class _Rewriter:
+    """Edits one copy of the model: weight values, and copies of shared weights."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        graph = self.model.graph
+        self.node_by_name = dict(zip(node_names(graph), graph.node))
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+        self.inserted: dict[int, list[onnx.NodeProto]] = {}
+        self.orphan_candidates: set[str] = set()  # shared weights whose readers got copies
+        self.taken = {name for node in graph.node for name in node.output} | set(self.initializers)
+
+    def stored(self, name: str) -> onnx.TensorProto:
+        if name in self.initializers:
+            return self.initializers[name]
+        return next(a.t for a in self.constants[name].attribute if a.name == "value")
+
+    def update(self, layer: Layer, projection: np.ndarray) -> str | None:
+        """Project one layer's weight in place; returns the copy's name if it made one."""
+        source, chain = (
+            layer.weight.tensor,
+            [self.node_by_name[n] for n in layer.weight.chain],
+        )
+        copy_name = None
+        if layer.shared:
+            source, chain = self._own_copy(layer, source, chain)
+            copy_name = source
+        tensor = self.stored(source)
+        stored = numpy_helper.to_array(tensor)
+        seen, steps = stored.astype(np.float64), []
+        for node in chain:
+            seen, step = _forward(node, seen, self)
+            steps.append(step)
+        projected = project_weight(seen, layer, projection)
+        for step in reversed(steps):
+            projected = _backward(step, projected)
+        tensor.CopyFrom(numpy_helper.from_array(projected.astype(stored.dtype), tensor.name))
+        return copy_name
+
+    def _own_copy(self, layer: Layer, source: str, chain: list[onnx.NodeProto]):
+        """Give the layer a private copy of a shared stored weight and of its chain."""
+        renamed = {
+            name: self._fresh_name(f"{name}.{layer.node}")
+            for name in [source] + [node.output[0] for node in chain]
+        }
+        new_nodes = []
+        if source in self.initializers:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(self.initializers[source])
+            copy.name = renamed[source]
+            self.model.graph.initializer.append(copy)
+            self.initializers[copy.name] = copy
+        else:
+            constant = _clone(self.constants[source], renamed[source], renamed)
+            self.constants[constant.output[0]] = constant
+            new_nodes.append(constant)
+        chain_copy = [
+            _clone(
+                node,
+                self._fresh_name(f"{node.name or node.op_type}.{layer.node}"),
+                renamed,
+            )
+            for node in chain
+        ]
+        new_nodes.extend(chain_copy)
+        consumer = self.node_by_name[layer.node]
+        consumer.input[1] = renamed[consumer.input[1]]
+        position = list(self.model.graph.node).index(consumer)
+        self.inserted.setdefault(position, []).extend(new_nodes)
+        self.orphan_candidates.add(source)
+        self.orphan_candidates.update(node.output[0] for node in chain)
+        return renamed[source], chain_copy
+
+    def _fresh_name(self, base: str) -> str:
+        name, number = base, 1
+        while name in self.taken:
+            number += 1
+            name = f"{base}.{number}"
+        self.taken.add(name)
+        return name
+
+    def finish(self, metadata: dict[str, str]) -> onnx.ModelProto:
+        """Place copied nodes before their layers, drop what no one reads, set metadata."""
+        graph = self.model.graph
+        if self.inserted:
+            nodes = []
+            for position, node in enumerate(graph.node):
+                nodes.extend(self.inserted.get(position, []))
+                nodes.append(node)
+            del graph.node[:]
+            graph.node.extend(nodes)
+            _drop_unread(graph, self.orphan_candidates)
+        props = {p.key: p.value for p in self.model.metadata_props}
+        props.update(metadata)
+        del self.model.metadata_props[:]
+        for key, value in props.items():
+            self.model.metadata_props.add(key=key, value=value)
+        return self.model
+
+
+def _forward(node: onnx.NodeProto, value: np.ndarray, rewriter: _Rewriter):
+    """Apply one pass-through node; return the value and what undoing it needs."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Transpose":
+        perm = attributes.get("perm", tuple(reversed(range(value.ndim))))
+        return value.transpose(perm), ("Transpose", perm)
+    if node.op_type == "Reshape":
+        target = numpy_helper.to_array(rewriter.stored(node.input[1]))
+        shape = reshape_target(value.shape, target, attributes.get("allowzero", 0))
+        return value.reshape(shape), ("Reshape", value.shape)
+    return value, (node.op_type, None)  # Identity, Cast: values unchanged in float64
+
+
+def _backward(step, value: np.ndarray) -> np.ndarray:
+    op, detail = step
+    if op == "Transpose":
+        return value.transpose(np.argsort(detail))
+    if op == "Reshape":
+        return value.reshape(detail)
+    return value
+
+
+def _clone(node: onnx.NodeProto, name: str, renamed: dict[str, str]) -> onnx.NodeProto:
+    """A copy of a single-output node reading and writing the renamed tensors."""
+    clone = onnx.NodeProto()
+    clone.CopyFrom(node)
+    clone.name = name
+    for position, tensor in enumerate(clone.input):
+        clone.input[position] = renamed.get(tensor, tensor)
+    clone.output[0] = renamed[node.output[0]]
+    return clone
+
+
+def _drop_unread(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Remove shared weights (and their pass-through nodes) that no reader is left for."""
+    while True:
+        read = {name for node in graph.node for name in node.input}
+        read |= {output.name for output in graph.output}
+        dead = [n for n in graph.node if n.output[0] in candidates and n.output[0] not in read]
+        for node in dead:
+            graph.node.remove(node)
+        if not dead:
+            break
+    for tensor in [t for t in graph.initializer if t.name in candidates and t.name not in read]:
+        graph.initializer.remove(tensor)
+
+
+def rewrite_model(
+    model: onnx.ModelProto,
+    layers: tuple[Layer, ...],
+    projections: dict[tuple, np.ndarray],
+    metadata: dict[str, str],
+) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of `model` with every layer's weight projected; also the names of copies made."""
+    rewriter = _Rewriter(model)
+    copies = []
+    for layer in layers:
+        copy_name = rewriter.update(layer, projections[layer.statistic_key])
+        if copy_name:
+            copies.append(copy_name)
+    return rewriter.finish(metadata), copies

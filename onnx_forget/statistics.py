@@ -1,0 +1,132 @@
+"""Streaming Gram matrices of each layer's input vectors: memory O(d^2) whatever N is."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .layers import ConvGeometry, Layer
+
+
+class GramAccumulator:
+    """Sum of `x x^T` over one sample set's input vectors of one statistic, per group.
+
+    Fully connected inputs contribute every row (leading dims flattened). Conv inputs
+    contribute im2col patches: with a budget, `budget` positions drawn uniformly without
+    replacement from all (sample, output position) pairs of the set, seeded.
+    """
+
+    def __init__(self, layer: Layer, sample_count: int, budget: int, rng: np.random.Generator):
+        self.geometry = layer.geometry
+        self.groups = layer.groups
+        self.d = layer.d
+        self.sample_count = sample_count
+        self.budget = budget
+        self.rng = rng
+        self.gram = np.zeros((self.groups, self.d, self.d), dtype=np.float64)
+        self.vectors = 0
+        self._chosen = None  # sorted flat (sample, position) indices, drawn on first batch
+
+    def add(self, values: np.ndarray, first_sample: int) -> None:
+        """Add a batch of the tapped tensor holding samples `first_sample, ...` of the set."""
+        if self.geometry is None:
+            rows = values.reshape(-1, self.d)[:, None, :]
+        else:
+            rows = self._patches(values, first_sample)
+        rows = rows.astype(np.float64).transpose(1, 0, 2)  # [groups, n, d]
+        self.gram += rows.transpose(0, 2, 1) @ rows
+        self.vectors += rows.shape[1]
+
+    def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:
+        """Patches `[n, groups, d]` of this batch: all of them, or the sampled ones."""
+        windows = conv_windows(values, self.geometry)  # [n, C, *out, *kernel]
+        spatial = len(self.geometry.kernel)
+        out_shape = windows.shape[2 : 2 + spatial]
+        positions = math.prod(out_shape)
+        total = self.sample_count * positions
+        if self.budget == 0 or self.budget >= total:
+            order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
+            patches = windows.transpose(order).reshape(-1, self.groups, self.d)
+            return patches
+        if self._chosen is None:
+            self._chosen = np.sort(self.rng.choice(total, size=self.budget, replace=False))
+        start, stop = np.searchsorted(
+            self._chosen,
+            [first_sample * positions, (first_sample + len(values)) * positions],
+        )
+        flat = self._chosen[start:stop] - first_sample * positions
+        sample, position = np.divmod(flat, positions)
+        coords = np.unravel_index(position, out_shape)
+        patches = windows[(sample, slice(None), *coords)]  # [p, C, *kernel]
+        return patches.reshape(len(flat), self.groups, self.d)
+
+
+def conv_windows(values: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """A view `[N, C, *out, *kernel]` of every receptive field of a conv's input.
+
+    Follows ONNX Conv: explicit `pads` or `auto_pad`, then strides on the output grid and
+    dilations inside the kernel. Padding is zeros, as the convolution sees it.
+    """
+    spatial = len(geometry.kernel)
+    sizes = values.shape[2:]
+    reach = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
+    pads = conv_pads(sizes, reach, geometry)
+    padded = np.pad(values, [(0, 0), (0, 0), *zip(pads[:spatial], pads[spatial:])])
+    axes = tuple(range(2, 2 + spatial))
+    windows = sliding_window_view(padded, reach, axis=axes)
+    strided = (slice(None), slice(None), *tuple(slice(None, None, s) for s in geometry.strides))
+    dilated = tuple(slice(None, None, d) for d in geometry.dilations)
+    return windows[strided + dilated]
+
+
+def conv_pads(sizes, reach, geometry: ConvGeometry) -> tuple[int, ...]:
+    """Pads (begins then ends) after resolving `auto_pad` against the input size."""
+    if geometry.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, extent, stride in zip(sizes, reach, geometry.strides):
+            out = -(-size // stride)
+            total = max(0, (out - 1) * stride + extent - size)
+            small, large = total // 2, total - total // 2
+            upper = geometry.auto_pad == "SAME_UPPER"
+            begins.append(small if upper else large)
+            ends.append(large if upper else small)
+        return tuple(begins + ends)
+    if geometry.auto_pad == "VALID":
+        return (0,) * (2 * len(sizes))
+    return geometry.pads
+
+
+class StatisticsCollector:
+    """One accumulator per (statistic, sample set); layers sharing an input share one."""
+
+    def __init__(
+        self,
+        layers: tuple[Layer, ...],
+        set_sizes: dict[str, int],
+        max_patches: int,
+        seed: int,
+    ):
+        self.accumulators: dict[tuple, dict[str, GramAccumulator]] = {}
+        for number, layer in enumerate(_unique_by_key(layers)):
+            self.accumulators[layer.statistic_key] = {
+                name: GramAccumulator(
+                    layer,
+                    size,
+                    max_patches,
+                    np.random.default_rng([seed, number, position]),
+                )
+                for position, (name, size) in enumerate(set_sizes.items())
+            }
+
+    def add(self, sample_set: str, tapped: dict[str, np.ndarray], first_sample: int) -> None:
+        for key, per_set in self.accumulators.items():
+            per_set[sample_set].add(tapped[key[0]], first_sample)
+
+    def gram(self, key: tuple, sample_set: str) -> np.ndarray:
+        return self.accumulators[key][sample_set].gram
+
+
+def _unique_by_key(layers: tuple[Layer, ...]) -> list[Layer]:
+    return list({layer.statistic_key: layer for layer in reversed(layers)}.values())[::-1]

@@ -1,0 +1,40 @@
+"""Expose each layer's input tensor as an extra graph output, so one run yields them all."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from .layers import Layer
+
+G_LOGGER.severity = G_LOGGER.ERROR
+
+
+def add_taps(
+    model: onnx.ModelProto, layers: tuple[Layer, ...], scores_name: str
+) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are the scores, then one tap per distinct layer input.
+
+    A Conv/Gemm/MatMul input has the same element type as its weight, which gives each tap
+    its dtype without shape inference.
+    """
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    graph.outputs = [tensors[scores_name]]
+    for layer in layers:
+        tap = tensors[layer.input]
+        if tap not in graph.outputs:
+            if tap.dtype is None:
+                tap.dtype = layer.weight_dtype
+            graph.outputs.append(tap)
+    tapped = gs.export_onnx(graph, do_type_check=False)
+    tapped.ir_version = model.ir_version
+    del tapped.opset_import[:]
+    tapped.opset_import.extend(model.opset_import)
+    return tapped
+
+
+def tap_names(layers: tuple[Layer, ...]) -> list[str]:
+    """The distinct tensors tapped, in the order of the tapped model's outputs."""
+    return list(dict.fromkeys(layer.input for layer in layers))
