@@ -75,10 +75,9 @@ class _Rewriter:
         }
         new_nodes = []
         if source in self.initializers:
-            copy = onnx.TensorProto()
+            copy = self.model.graph.initializer.add()
             copy.CopyFrom(self.initializers[source])
             copy.name = renamed[source]
-            self.model.graph.initializer.append(copy)
             self.initializers[copy.name] = copy
         else:
             constant = _clone(self.constants[source], renamed[source], renamed)
