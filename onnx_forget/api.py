@@ -106,7 +106,7 @@ def forget(
             signature.fixed_batch,
             signature.input_name,
         )
-    with timer("collection"):
+    with timer("collect"):
         collector = StatisticsCollector(
             scan.layers,
             {RETAIN: len(retain), FORGET: len(forget_indices)},
@@ -121,7 +121,7 @@ def forget(
                 collector.add(set_name, dict(zip(outputs, values)), done)
                 before.update(zip(batch.tolist(), np.argmax(values[0], axis=1).tolist()))
                 done += len(batch)
-    with timer("decomposition"):
+    with timer("decompose"):
         projected = {
             key: projections(
                 collector.gram(key, RETAIN),
@@ -141,7 +141,7 @@ def forget(
             "onnx_forget.version": VERSION,
         }
         new_model, copies = rewrite_model(loaded.proto, scan.layers, projected, metadata)
-    with timer("save and verify"):
+    with timer("save"):
         if destination is None:
             verify_model(new_model, loaded.proto)
         else:
