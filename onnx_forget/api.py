@@ -109,7 +109,7 @@ def forget(
     with timer("collect"):
         collector = StatisticsCollector(
             scan.layers,
-            {RETAIN: len(retain), FORGET: len(forget_indices)},
+            {RETAIN: sample_set.labels[retain], FORGET: sample_set.labels[forget_indices]},
             settings.max_patches,
             settings.seed,
         )
@@ -170,6 +170,7 @@ def forget(
         forgotten_classes=classes,
         options=_options_dict(settings),
         provider=runner.provider,
+        provider_note=runner.provider_note,
         layers=layer_rows(LayerScan(scan.layers, ())),
         skipped_layers=layer_rows(LayerScan((), scan.skipped)),
         copied_weights=copies,
@@ -194,10 +195,12 @@ def _destination(model_path: Path | None, output, classes: list[int], force: boo
     output = Path(output)
     if model_path is not None and output.resolve() == model_path.resolve():
         raise InputError(f"{output}: refusing to overwrite the input model")
-    if output.exists() and not force:
-        raise InputError(f"{output}: already exists (use --force to replace it)")
     if output.is_dir():
         raise InputError(f"{output}: is a folder, not a file name")
+    if output.exists() and not force:
+        raise InputError(f"{output}: already exists (use --force to replace it)")
+    if not output.parent.is_dir():
+        raise InputError(f"{output.parent}: output folder does not exist")
     return output
 
 

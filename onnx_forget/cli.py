@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import click
 
 from . import api
 from .errors import ForgetError
+from .modelio import write_text_atomically
 from .options import (
     DEFAULT_ALPHA_F,
     DEFAULT_ALPHA_R,
@@ -34,7 +34,7 @@ class _ForgetByDefault(click.Group):
     """`onnx-forget MODEL ...` is short for `onnx-forget forget MODEL ...`."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "--version"):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
             args = ["forget", *args]
         return super().parse_args(ctx, args)
 
@@ -164,6 +164,10 @@ def forget_command(
     **method,
 ):
     """Forget classes of MODEL and write the new model."""
+    if report_path is not None and not report_path.parent.is_dir():
+        raise click.BadParameter(
+            f"{report_path.parent}: folder does not exist", param_hint="--report"
+        )
     names = None
     if class_names is not None:
         names = tuple(line.strip() for line in class_names.read_text().splitlines() if line.strip())
@@ -181,7 +185,7 @@ def forget_command(
         **method,
     )
     if report_path is not None:
-        report_path.write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
+        write_text_atomically(report_path, json.dumps(result.report.to_dict(), indent=2) + "\n")
     if not quiet:
         click.echo(result.report.format())
 
@@ -203,18 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; errors become one line on stderr and a documented exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    quiet = "-q" in argv or "--quiet" in argv
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROGRAM}: %(levelname)s: %(message)s"))
-    logger = logging.getLogger("onnx_forget")
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         cli.main(argv, prog_name=PROGRAM, standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:
-        error.show()
+        click.echo(f"{PROGRAM}: error: {error.format_message()} (see --help)", err=True)
         sys.exit(error.exit_code)
     except ForgetError as error:
         if debug:

@@ -171,3 +171,17 @@ def save_model_atomically(
         os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a small text file through a temporary file beside it and a rename."""
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: folder does not exist")
+    handle, temporary = tempfile.mkstemp(prefix=".onnx-forget-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -29,6 +29,7 @@ class Report:
     forgotten_classes: list[int]
     options: dict
     provider: str
+    provider_note: str | None
     layers: list[dict]
     skipped_layers: list[dict]
     copied_weights: list[str]
@@ -44,6 +45,7 @@ class Report:
             "forgotten_classes": self.forgotten_classes,
             "options": self.options,
             "provider": self.provider,
+            "provider_note": self.provider_note,
             "layers": self.layers,
             "skipped_layers": self.skipped_layers,
             "copied_weights": self.copied_weights,
@@ -68,7 +70,8 @@ class Report:
                 if self.samples["skipped_files"]
                 else ""
             ),
-            f"provider   {self.provider}",
+            f"provider   {self.provider}"
+            + (f" ({self.provider_note})" if self.provider_note else ""),
         ]
         for comparison in self.comparisons:
             lines += ["", *accuracy_table(comparison, self.forgotten_classes)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -14,8 +13,6 @@ from onnx import helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from .errors import InputError, UnsupportedModelError
-
-log = logging.getLogger("onnx_forget")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -56,6 +53,13 @@ class Runner:
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
+
+    @property
+    def provider_note(self) -> str | None:
+        """Why the session is not on CUDA although this onnxruntime lists the provider."""
+        if self.provider != CUDA and CUDA in ort.get_available_providers():
+            return "the CUDA provider of onnxruntime did not start; ran on the CPU"
+        return None
 
     def run(
         self,
@@ -146,8 +150,6 @@ def cuda_starts() -> bool:
         started = False
     finally:
         ort.set_default_logger_severity(ORT_QUIET)
-    if not started:
-        log.info("the CUDA provider of onnxruntime did not start; running on the CPU")
     return started
 
 

@@ -49,6 +49,11 @@ class SampleSet:
                 array = np.load(path, allow_pickle=False)
             except (ValueError, OSError) as error:
                 raise InputError(f"{path}: not a readable .npy array ({error})") from None
+        elif self.image_format is None:
+            raise InputError(
+                f"{path}: the model's input {_shape_text(self.shape)} is not an image of 1, 3 "
+                "or 4 channels; give preprocessed .npy samples instead"
+            )
         else:
             array = self.image_format.decode(path)
         return _checked(array, self.shape, path)
@@ -93,11 +98,16 @@ def _checked(array: np.ndarray, shape: tuple[int | None, ...], path) -> np.ndarr
     if len(array.shape) != len(shape) or any(
         want is not None and have != want for have, want in zip(array.shape, shape)
     ):
-        wanted = ["?" if d is None else d for d in shape]
-        raise InputError(f"{path}: sample shape {list(array.shape)}, model expects {wanted}")
+        raise InputError(
+            f"{path}: sample shape {list(array.shape)}, model expects {_shape_text(shape)}"
+        )
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InputError(f"{path}: sample holds NaN or Inf values")
     return array
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def open_samples(
@@ -162,7 +172,11 @@ def _folder_set(
     for class_dir, label in zip(class_dirs, indices):
         found = 0
         for path in sorted(class_dir.iterdir()):
-            if path.is_file() and path.suffix.lower() in (*IMAGE_SUFFIXES, ARRAY_SUFFIX):
+            if (
+                path.is_file()
+                and not path.name.startswith(".")
+                and path.suffix.lower() in (*IMAGE_SUFFIXES, ARRAY_SUFFIX)
+            ):
                 files.append(path)
                 labels.append(label)
                 found += 1
@@ -189,7 +203,7 @@ def _class_indices(names: list[str], class_names, folder: Path) -> list[int]:
         if unknown:
             raise InputError(f"{folder}: folder(s) {', '.join(unknown)} not in --class-names")
         return [position[n] for n in names]
-    if all(n.isdigit() for n in names):
+    if all(n.isascii() and n.isdigit() for n in names):
         return [int(n) for n in names]
     return list(range(len(names)))
 
@@ -215,6 +229,13 @@ def image_format(signature: Signature, preprocessing: Preprocessing) -> ImageFor
 def _format(channels, size, layout, preprocessing, flat_shape) -> ImageFormat | None:
     if channels is None:
         return None  # images cannot feed this input; `.npy` samples still can
+    for name in ("mean", "std"):
+        values = getattr(preprocessing, name)
+        if values is not None and len(values) not in (1, channels):
+            raise InputError(
+                f"--{name} has {len(values)} values but the model's images have "
+                f"{channels} channel(s)"
+            )
     return ImageFormat(channels, size, layout, preprocessing, flat_shape)
 
 

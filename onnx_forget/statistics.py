@@ -14,20 +14,24 @@ class GramAccumulator:
     """Sum of `x x^T` over one sample set's input vectors of one statistic, per group.
 
     Fully connected inputs contribute every row (leading dims flattened). Conv inputs
-    contribute im2col patches: with a budget, `budget` positions drawn uniformly without
-    replacement from all (sample, output position) pairs of the set, seeded.
+    contribute im2col patches: with a budget, each class of the set gets `budget`
+    positions drawn uniformly without replacement from all its (sample, output position)
+    pairs, seeded by `(seed, statistic number, class)`. Drawing per class makes a set's
+    Gram matrix the sum of its classes' ones, whichever way the samples were grouped.
     """
 
-    def __init__(self, layer: Layer, sample_count: int, budget: int, rng: np.random.Generator):
+    def __init__(self, layer: Layer, labels: np.ndarray, budget: int, seed: tuple[int, int]):
         self.geometry = layer.geometry
         self.groups = layer.groups
         self.d = layer.d
-        self.sample_count = sample_count
+        self.labels = labels  # [n] class of each sample of the set, in run order
+        self.ordinals = _ordinals(labels)  # [n] position of each sample within its class
+        self.class_sizes = dict(zip(*np.unique(labels, return_counts=True)))
         self.budget = budget
-        self.rng = rng
+        self.seed = seed
         self.gram = np.zeros((self.groups, self.d, self.d), dtype=np.float64)
         self.vectors = 0
-        self._chosen = None  # sorted flat (sample, position) indices, drawn on first batch
+        self._chosen: dict[int, np.ndarray] = {}  # class -> sorted flat (sample, position)
 
     def add(self, values: np.ndarray, first_sample: int) -> None:
         """Add a batch of the tapped tensor holding samples `first_sample, ...` of the set."""
@@ -45,22 +49,45 @@ class GramAccumulator:
         spatial = len(self.geometry.kernel)
         out_shape = windows.shape[2 : 2 + spatial]
         positions = math.prod(out_shape)
-        total = self.sample_count * positions
-        if self.budget == 0 or self.budget >= total:
+        if self.budget == 0:
             order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
-            patches = windows.transpose(order).reshape(-1, self.groups, self.d)
-            return patches
-        if self._chosen is None:
-            self._chosen = np.sort(self.rng.choice(total, size=self.budget, replace=False))
-        start, stop = np.searchsorted(
-            self._chosen,
-            [first_sample * positions, (first_sample + len(values)) * positions],
-        )
-        flat = self._chosen[start:stop] - first_sample * positions
-        sample, position = np.divmod(flat, positions)
-        coords = np.unravel_index(position, out_shape)
-        patches = windows[(sample, slice(None), *coords)]  # [p, C, *kernel]
-        return patches.reshape(len(flat), self.groups, self.d)
+            return windows.transpose(order).reshape(-1, self.groups, self.d)
+        batch = slice(first_sample, first_sample + len(values))
+        labels, ordinals = self.labels[batch], self.ordinals[batch]
+        samples, coords = [], []
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)  # batch rows of this class
+            chosen = self._chosen_for(int(label), positions)
+            first = ordinals[members[0]] * positions
+            start, stop = np.searchsorted(chosen, [first, first + len(members) * positions])
+            member, position = np.divmod(chosen[start:stop] - first, positions)
+            samples.append(members[member])
+            coords.append(position)
+        position = np.concatenate(coords)
+        picked = windows[
+            (np.concatenate(samples), slice(None), *np.unravel_index(position, out_shape))
+        ]
+        return picked.reshape(len(position), self.groups, self.d)
+
+    def _chosen_for(self, label: int, positions: int) -> np.ndarray:
+        """The class's sampled flat indices, drawn once the positions per sample are known."""
+        if label not in self._chosen:
+            total = int(self.class_sizes[label]) * positions
+            if self.budget >= total:
+                self._chosen[label] = np.arange(total)
+            else:
+                rng = np.random.default_rng([*self.seed, label])
+                self._chosen[label] = np.sort(rng.choice(total, size=self.budget, replace=False))
+        return self._chosen[label]
+
+
+def _ordinals(labels: np.ndarray) -> np.ndarray:
+    """For each sample, how many samples of its class come before it."""
+    ordinals = np.empty(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = labels == label
+        ordinals[members] = np.arange(np.count_nonzero(members))
+    return ordinals
 
 
 def conv_windows(values: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
@@ -104,20 +131,15 @@ class StatisticsCollector:
     def __init__(
         self,
         layers: tuple[Layer, ...],
-        set_sizes: dict[str, int],
+        set_labels: dict[str, np.ndarray],
         max_patches: int,
         seed: int,
     ):
         self.accumulators: dict[tuple, dict[str, GramAccumulator]] = {}
         for number, layer in enumerate(_unique_by_key(layers)):
             self.accumulators[layer.statistic_key] = {
-                name: GramAccumulator(
-                    layer,
-                    size,
-                    max_patches,
-                    np.random.default_rng([seed, number, position]),
-                )
-                for position, (name, size) in enumerate(set_sizes.items())
+                name: GramAccumulator(layer, labels, max_patches, (seed, number))
+                for name, labels in set_labels.items()
             }
 
     def add(self, sample_set: str, tapped: dict[str, np.ndarray], first_sample: int) -> None:
@@ -129,4 +151,7 @@ class StatisticsCollector:
 
 
 def _unique_by_key(layers: tuple[Layer, ...]) -> list[Layer]:
-    return list({layer.statistic_key: layer for layer in reversed(layers)}.values())[::-1]
+    first = {}
+    for layer in layers:
+        first.setdefault(layer.statistic_key, layer)
+    return list(first.values())
