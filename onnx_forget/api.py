@@ -1,8 +1,12 @@
-"""The public entry points: `forget` strings the data's path together, `layers` lists."""
+"""The public entry points. Each strings the data's path together and returns a result:
+`forget` (samples or statistics → new model), `collect` and `merge` (statistics files),
+`tune` (α search), `evaluate` (a model on labelled samples), `layers` (what is projected).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -14,22 +18,43 @@ import numpy as np
 import onnx
 
 from .errors import InputError, UnsupportedModelError
-from .evaluate import Accuracy, predict
+from .evaluate import (
+    Accuracy,
+    agreement,
+    class_scores,
+    confusion,
+    mean_kl_divergence,
+    membership_attack,
+    true_class_confidence,
+)
 from .layers import LayerScan, scan_layers
-from .modelio import load_model, needs_external_data, save_model_atomically
-from .options import ForgetOptions
+from .modelio import LoadedModel, load_model, needs_external_data, save_model_atomically
+from .options import DEFAULT_MAX_MODEL_BYTES, ForgetOptions
 from .report import Comparison, Report, layer_rows
 from .rewrite import rewrite_model
-from .runtime import open_runner
-from .samples import SampleSet, open_samples, select_samples
-from .signature import read_signature
-from .statistics import StatisticsCollector
-from .subspace import projections
+from .runtime import Runner, open_runner, progress_bar
+from .samples import (
+    SampleSet,
+    choose_from_class,
+    open_samples,
+    select_samples,
+    split_validation,
+)
+from .signature import Signature, read_signature
+from .statistics import StatisticsCollector, statistic_layers
+from .statsfile import ClassStatistics, load_statistics, merge_statistics, statistic_id
+from .subspace import SpacePair
 from .taps import add_taps, tap_names
 from .verify import verify_file, verify_model
 from .version import VERSION
 
 RETAIN, FORGET = "retain", "forget"
+# ALGORITHM.md: the grid the paper searched, scored by retain_acc * (100 - forget_acc).
+ALPHA_R_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0)
+ALPHA_F_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
+VALIDATION_SHARE = 0.2  # of each class's samples, held back for --tune without --eval-samples
+
+Samples = str | os.PathLike | tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -39,6 +64,15 @@ class ForgetResult:
     model: onnx.ModelProto
     report: Report
     output: Path | None
+
+
+@dataclass
+class TuneResult:
+    """The best model of an α search and the score of every grid point."""
+
+    result: ForgetResult
+    grid: list[dict]  # alpha_r, alpha_f, retain, forget, score: one per grid point
+    best: dict
 
 
 class _PhaseTimer:
@@ -54,9 +88,95 @@ class _PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def layers(model: str | os.PathLike | onnx.ModelProto) -> LayerScan:
+@dataclass
+class _OpenModel:
+    """A loaded model with what every entry point needs to know about it."""
+
+    loaded: LoadedModel
+    signature: Signature
+    scan: LayerScan
+    settings: ForgetOptions
+
+    @classmethod
+    def of(cls, model, settings: ForgetOptions) -> _OpenModel:
+        loaded = load_model(model, settings.max_model_bytes)
+        where = loaded.path or "in-memory model"
+        scan = scan_layers(loaded.proto)
+        if not scan.layers:
+            raise UnsupportedModelError(
+                f"{where}: no projectable Conv, Gemm or MatMul layer "
+                "(`onnx-forget layers` says why each was skipped)"
+            )
+        try:
+            signature = read_signature(loaded.proto, settings.output_name)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"{where}: {error}") from None
+        return cls(loaded, signature, scan, settings)
+
+    def runner(self, model: onnx.ModelProto) -> Runner:
+        return open_runner(
+            model,
+            self.settings.device,
+            self.settings.batch_size,
+            self.signature.fixed_batch,
+            self.signature.input_name,
+        )
+
+    def samples(self, source: Samples) -> SampleSet:
+        return open_samples(
+            source,
+            self.signature,
+            self.settings.preprocessing,
+            self.settings.class_names,
+            self.settings.max_sample_bytes,
+        )
+
+    def scores(self, runner: Runner, samples: SampleSet, indices: np.ndarray) -> np.ndarray:
+        return class_scores(runner, samples, indices, self.signature.scores_name)
+
+    def tapped_runner(self) -> Runner:
+        """A session on the model with every layer's input added to its outputs."""
+        tapped = add_taps(self.loaded.proto, self.scan.layers, self.signature.scores_name)
+        return self.runner(tapped)
+
+    def collect(
+        self, runner: Runner, sample_set: SampleSet, sets: dict[str, np.ndarray]
+    ) -> tuple[StatisticsCollector, dict[str, np.ndarray]]:
+        """One pass of the tapped model over each set: Gram matrices and the scores."""
+        collector = StatisticsCollector(
+            self.scan.layers,
+            {name: sample_set.labels[indices] for name, indices in sets.items()},
+            self.settings.max_patches,
+            self.settings.seed,
+        )
+        outputs = [self.signature.scores_name, *tap_names(self.scan.layers)]
+        scores = {}
+        total = sum(len(indices) for indices in sets.values())
+        with progress_bar(total, "collecting", self.settings.progress) as bar:
+            for name, indices in sets.items():
+                done, batches = 0, []
+                for batch, values in runner.run(sample_set.load, indices, outputs):
+                    collector.add(name, dict(zip(outputs, values)), done)
+                    batches.append(values[0].astype(np.float64))
+                    done += len(batch)
+                    bar.update(len(batch))
+                scores[name] = np.concatenate(batches) if batches else np.zeros((0, 0))
+        return collector, scores
+
+
+def _classes(forget_classes: int | Iterable[int]) -> list[int]:
+    values = [forget_classes] if np.isscalar(forget_classes) else forget_classes
+    classes = sorted({int(c) for c in values})
+    if not classes:
+        raise InputError("name at least one class to forget")
+    return classes
+
+
+def layers(
+    model: str | os.PathLike | onnx.ModelProto, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+) -> LayerScan:
     """The projectable and skipped layers of a model."""
-    return scan_layers(load_model(model).proto)
+    return scan_layers(load_model(model, max_model_bytes).proto)
 
 
 def default_output(model_path: Path, forget_classes: list[int]) -> Path:
@@ -68,122 +188,420 @@ def default_output(model_path: Path, forget_classes: list[int]) -> Path:
 def forget(
     model: str | os.PathLike | onnx.ModelProto,
     forget_classes: int | Iterable[int],
-    samples: str | os.PathLike | tuple[np.ndarray, np.ndarray],
+    samples: Samples | None = None,
     *,
+    stats: str | os.PathLike | ClassStatistics | None = None,
     output: str | os.PathLike | None = None,
     force: bool = False,
-    eval_samples: str | os.PathLike | tuple[np.ndarray, np.ndarray] | None = None,
+    eval_samples: Samples | None = None,
     **options,
 ) -> ForgetResult:
-    """Forget `forget_classes` in `model`, learning the subspaces from `samples`.
+    """Forget `forget_classes` in `model`, from `samples` or from collected `stats`.
 
     A model given by path is written beside itself (or to `output`); a ModelProto is
     written only when `output` is given. Keyword options are the fields of ForgetOptions.
     """
     settings = ForgetOptions.from_keywords(**options)
-    classes = sorted(
-        {int(c) for c in ([forget_classes] if np.isscalar(forget_classes) else forget_classes)}
-    )
-    if not classes:
-        raise InputError("name at least one class to forget")
-    timer = _PhaseTimer()
-    with timer("load"):
-        loaded = load_model(model)
-        destination = _destination(loaded.path, output, classes, force)
-        signature = read_signature(loaded.proto, settings.output_name)
-        scan = scan_layers(loaded.proto)
-        if not scan.layers:
-            raise UnsupportedModelError("the model has no projectable Conv, Gemm or MatMul layer")
-    with timer("samples"):
-        sample_set = open_samples(samples, signature, settings.preprocessing, settings.class_names)
-        retain, forget_indices = _choose_sets(sample_set, classes, signature.class_count, settings)
-    with timer("taps"):
-        tapped = add_taps(loaded.proto, scan.layers, signature.scores_name)
-        runner = open_runner(
-            tapped,
-            settings.device,
-            settings.batch_size,
-            signature.fixed_batch,
-            signature.input_name,
-        )
-    with timer("collect"):
-        collector = StatisticsCollector(
-            scan.layers,
-            {RETAIN: sample_set.labels[retain], FORGET: sample_set.labels[forget_indices]},
-            settings.max_patches,
-            settings.seed,
-        )
-        outputs = [signature.scores_name, *tap_names(scan.layers)]
-        before = {}
-        for set_name, indices in ((RETAIN, retain), (FORGET, forget_indices)):
-            done = 0
-            for batch, values in runner.run(sample_set.load, indices, outputs):
-                collector.add(set_name, dict(zip(outputs, values)), done)
-                before.update(zip(batch.tolist(), np.argmax(values[0], axis=1).tolist()))
-                done += len(batch)
-    with timer("decompose"):
-        projected = {
-            key: projections(
-                collector.gram(key, RETAIN),
-                collector.gram(key, FORGET),
-                settings.alpha_r,
-                settings.alpha_f,
+    classes = _classes(forget_classes)
+    if (samples is None) == (stats is None):
+        raise InputError("give either samples or a statistics file (--samples or --stats)")
+    run = _Run(settings, classes)
+    with run.timer("load"):
+        opened = _OpenModel.of(model, settings)
+        destination = _destination(opened.loaded.path, output, classes, force)
+    used = None
+    if stats is not None:
+        run.spaces_from_statistics(opened, stats)
+    else:
+        with run.timer("samples"):
+            sample_set = opened.samples(samples)
+            retain, forget_indices = _choose_sets(sample_set, classes, opened, settings)
+        used = run.spaces_from_samples(opened, sample_set, retain, forget_indices)
+    return run.finish(opened, settings.alpha_r, settings.alpha_f, destination, used, eval_samples)
+
+
+def tune(
+    model: str | os.PathLike | onnx.ModelProto,
+    forget_classes: int | Iterable[int],
+    samples: Samples,
+    *,
+    eval_samples: Samples | None = None,
+    alpha_r_grid: Iterable[float] = ALPHA_R_GRID,
+    alpha_f_grid: Iterable[float] = ALPHA_F_GRID,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    **options,
+) -> TuneResult:
+    """Search (α_r, α_f) on a grid, scoring `retain_acc * (100 - forget_acc)` on validation
+    samples, and write the best model.
+
+    Validation is `eval_samples` when given, else a seeded share of each class of
+    `samples`. Samples are run once and decomposed once; each grid point only rescales,
+    rewrites the weights and runs an in-memory session on the validation samples.
+    """
+    settings = ForgetOptions.from_keywords(**options)
+    classes = _classes(forget_classes)
+    run = _Run(settings, classes)
+    with run.timer("load"):
+        opened = _OpenModel.of(model, settings)
+        destination = _destination(opened.loaded.path, output, classes, force)
+    with run.timer("samples"):
+        sample_set = opened.samples(samples)
+        if eval_samples is None:
+            fit, validation_indices = split_validation(
+                sample_set.labels, VALIDATION_SHARE, settings.seed
             )
-            for key in collector.accumulators
-        }
-    with timer("rewrite"):
-        metadata = {
-            "onnx_forget.forgotten_classes": ",".join(map(str, classes)),
-            "onnx_forget.alpha_r": repr(settings.alpha_r),
-            "onnx_forget.alpha_f": repr(settings.alpha_f),
-            "onnx_forget.samples": f"retain={len(retain)},forget={len(forget_indices)}",
-            "onnx_forget.source_sha256": loaded.sha256,
-            "onnx_forget.version": VERSION,
-        }
-        new_model, copies = rewrite_model(loaded.proto, scan.layers, projected, metadata)
-    with timer("save"):
-        if destination is None:
-            verify_model(new_model, loaded.proto)
+            validation = sample_set
         else:
-            save_model_atomically(
-                new_model,
-                destination,
-                needs_external_data(new_model, loaded.has_external_data),
-                lambda staged: verify_file(staged, loaded.proto),
-            )
-    with timer("evaluate"):
-        comparisons = _compare(
-            loaded.proto,
-            new_model,
-            signature,
-            settings,
-            sample_set,
-            retain,
-            forget_indices,
-            before,
-            classes,
-            eval_samples,
+            fit, validation = np.arange(len(sample_set)), opened.samples(eval_samples)
+            validation_indices = np.arange(len(validation))
+        retain, forget_indices = _choose_sets(sample_set, classes, opened, settings, fit)
+    used = run.spaces_from_samples(opened, sample_set, retain, forget_indices)
+    grid = []
+    with run.timer("tune"):
+        labels = validation.labels[validation_indices]
+        for alpha_r in alpha_r_grid:
+            for alpha_f in alpha_f_grid:
+                candidate, _ = rewrite_model(
+                    opened.loaded.proto, opened.scan.layers, run.projections(alpha_r, alpha_f), {}
+                )
+                scores = opened.scores(opened.runner(candidate), validation, validation_indices)
+                accuracy = Accuracy.of(labels, np.argmax(scores, axis=1), classes)
+                grid.append(
+                    {
+                        "alpha_r": float(alpha_r),
+                        "alpha_f": float(alpha_f),
+                        "retain": accuracy.retain,
+                        "forget": accuracy.forget,
+                        "score": accuracy.retain * (100.0 - accuracy.forget),
+                    }
+                )
+    best = max(grid, key=lambda point: point["score"])
+    result = run.finish(opened, best["alpha_r"], best["alpha_f"], destination, used, eval_samples)
+    return TuneResult(result, grid, best)
+
+
+def collect(
+    model: str | os.PathLike | onnx.ModelProto,
+    samples: Samples,
+    *,
+    classes: Iterable[int] | None = None,
+    per_class: int | None = None,
+    **options,
+) -> ClassStatistics:
+    """Gram matrices per statistic and per class, to forget any class later without samples.
+
+    Every sample of each class is used unless `per_class` caps them (seeded choice).
+    """
+    settings = ForgetOptions.from_keywords(**options)
+    opened = _OpenModel.of(model, settings)
+    sample_set = opened.samples(samples)
+    present = [int(c) for c in np.unique(sample_set.labels)]
+    wanted = present if classes is None else sorted({int(c) for c in classes})
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise InputError(f"{sample_set.origin}: no samples of class {missing[0]}")
+    cap = per_class if per_class is not None else len(sample_set)
+    sets = {
+        str(label): choose_from_class(sample_set.labels, label, cap, settings.seed)
+        for label in wanted
+    }
+    collector, _ = opened.collect(opened.tapped_runner(), sample_set, sets)
+    statistic_keys = list(collector.accumulators)
+    grams, vectors = {}, {}
+    for number, key in enumerate(statistic_keys):
+        for label in wanted:
+            accumulator = collector.accumulators[key][str(label)]
+            grams[number, label] = accumulator.gram
+            vectors[number, label] = accumulator.vectors
+    return ClassStatistics(
+        model_sha256=opened.loaded.sha256,
+        statistics=[statistic_id(layer) for layer in statistic_layers(opened.scan.layers)],
+        options=_statistics_options(settings),
+        samples={label: len(sets[str(label)]) for label in wanted},
+        grams=grams,
+        vectors=vectors,
+    )
+
+
+def merge(parts: Iterable[str | os.PathLike]) -> ClassStatistics:
+    """Add statistics files collected on shards of the samples of one model."""
+    paths = [str(p) for p in parts]
+    if len(paths) < 2:
+        raise InputError("give at least two statistics files to merge")
+    return merge_statistics([load_statistics(p) for p in paths], paths)
+
+
+@dataclass
+class Evaluation:
+    """A model on labelled samples, optionally against the model it was made from."""
+
+    accuracy: Accuracy
+    forgotten_classes: list[int]
+    confusion: dict[int, dict[int, int]]
+    agreement: float | None  # percent of kept-class samples with the reference's top-1
+    kl_divergence: float | None  # mean KL(reference || model) on kept-class samples
+    membership: dict[str, float] | None  # attack's "member" share of forgotten samples
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def evaluate(
+    model: str | os.PathLike | onnx.ModelProto,
+    samples: Samples,
+    *,
+    reference: str | os.PathLike | onnx.ModelProto | None = None,
+    forget_classes: Iterable[int] | None = None,
+    members: Samples | None = None,
+    **options,
+) -> Evaluation:
+    """Accuracy per class, where forgotten samples go, agreement with `reference`, and —
+    with `members` (samples the model was trained on) — the membership-inference share
+    of the forgotten classes' member samples, for the model and the reference.
+
+    Forgotten classes default to what the model's metadata records.
+    """
+    settings = ForgetOptions.from_keywords(**options)
+    opened = _OpenModel.of(model, settings)
+    if forget_classes is None:
+        recorded = {p.key: p.value for p in opened.loaded.proto.metadata_props}.get(
+            "onnx_forget.forgotten_classes", ""
         )
-    report = Report(
-        model=str(loaded.path) if loaded.path else "(in memory)",
-        output=str(destination) if destination else None,
+        forget_classes = [int(c) for c in recorded.split(",") if c]
+    classes = sorted({int(c) for c in forget_classes})
+    held_out = opened.samples(samples)
+    everything = np.arange(len(held_out))
+    scores = opened.scores(opened.runner(opened.loaded.proto), held_out, everything)
+    predictions = np.argmax(scores, axis=1)
+    kept = ~np.isin(held_out.labels, classes)
+    result = Evaluation(
+        accuracy=Accuracy.of(held_out.labels, predictions, classes),
         forgotten_classes=classes,
-        options=_options_dict(settings),
-        provider=runner.provider,
-        provider_note=runner.provider_note,
-        layers=layer_rows(LayerScan(scan.layers, ())),
-        skipped_layers=layer_rows(LayerScan((), scan.skipped)),
-        copied_weights=copies,
-        samples={
+        confusion=confusion(held_out.labels, predictions, classes),
+        agreement=None,
+        kl_divergence=None,
+        membership=None,
+    )
+    models = {"model": (opened, scores)}
+    if reference is not None:
+        other = _OpenModel.of(reference, settings)
+        reference_scores = other.scores(other.runner(other.loaded.proto), held_out, everything)
+        result.agreement = agreement(scores[kept], reference_scores[kept])
+        result.kl_divergence = mean_kl_divergence(scores[kept], reference_scores[kept])
+        models["reference"] = (other, reference_scores)
+    if members is not None:
+        member_set = opened.samples(members)
+        every_member = np.arange(len(member_set))
+        result.membership = {}
+        for name, (which, held_scores) in models.items():
+            member_scores = which.scores(which.runner(which.loaded.proto), member_set, every_member)
+            result.membership[name] = _membership(
+                member_scores, member_set.labels, held_scores, held_out.labels, classes
+            )
+    return result
+
+
+def _membership(member_scores, member_labels, held_scores, held_labels, classes) -> float:
+    """The attack's member share of the forgotten classes' training samples."""
+    member_kept = ~np.isin(member_labels, classes)
+    held_kept = ~np.isin(held_labels, classes)
+    return membership_attack(
+        true_class_confidence(member_scores[member_kept], member_labels[member_kept]),
+        true_class_confidence(held_scores[held_kept], held_labels[held_kept]),
+        true_class_confidence(member_scores[~member_kept], member_labels[~member_kept]),
+    )
+
+
+class _Run:
+    """State of one forget run: its timer, its decompositions and how to finish it."""
+
+    def __init__(self, settings: ForgetOptions, classes: list[int]):
+        self.settings = settings
+        self.classes = classes
+        self.timer = _PhaseTimer()
+        self.spaces: dict[tuple, SpacePair] = {}
+        self.provider: tuple[str, str | None] = ("none (statistics file)", None)
+        self.sample_counts: dict = {}
+
+    def projections(self, alpha_r: float, alpha_f: float) -> dict[tuple, np.ndarray]:
+        return {key: pair.projections(alpha_r, alpha_f) for key, pair in self.spaces.items()}
+
+    def spaces_from_samples(self, opened, sample_set, retain, forget_indices) -> dict:
+        """Run the tapped model once and decompose; returns what evaluation reuses."""
+        with self.timer("taps"):
+            runner = opened.tapped_runner()
+        with self.timer("collect"):
+            collector, scores = opened.collect(
+                runner, sample_set, {RETAIN: retain, FORGET: forget_indices}
+            )
+        with self.timer("decompose"):
+            self.spaces = {
+                key: SpacePair.of(collector.gram(key, RETAIN), collector.gram(key, FORGET))
+                for key in collector.accumulators
+            }
+        self.provider = (runner.provider, runner.provider_note)
+        self.sample_counts = {
             "origin": sample_set.origin,
             "retain": len(retain),
             "forget": len(forget_indices),
             "skipped_files": sample_set.skipped_files,
-        },
-        comparisons=comparisons,
-        timings=timer.seconds,
-    )
-    return ForgetResult(new_model, report, destination)
+        }
+        return {
+            "samples": sample_set,
+            "indices": np.concatenate([retain, forget_indices]),
+            "scores": np.concatenate([scores[RETAIN], scores[FORGET]]),
+        }
+
+    def spaces_from_statistics(self, opened, stats) -> None:
+        with self.timer("samples"):
+            statistics = stats if isinstance(stats, ClassStatistics) else load_statistics(stats)
+            kept = _check_statistics(statistics, opened, self.classes, stats)
+        with self.timer("decompose"):
+            self.spaces = {
+                layer.statistic_key: SpacePair.of(
+                    statistics.summed(number, kept), statistics.summed(number, self.classes)
+                )
+                for number, layer in enumerate(statistic_layers(opened.scan.layers))
+            }
+        self.sample_counts = {
+            "origin": str(stats) if not isinstance(stats, ClassStatistics) else "(statistics)",
+            "retain": sum(statistics.samples[c] for c in kept),
+            "forget": sum(statistics.samples[c] for c in self.classes),
+            "skipped_files": 0,
+        }
+
+    def finish(self, opened, alpha_r, alpha_f, destination, used, eval_samples):
+        """Project, rewrite, write and verify, evaluate, report."""
+        with self.timer("rewrite"):
+            metadata = _metadata(opened.loaded, self.classes, alpha_r, alpha_f, self.sample_counts)
+            new_model, copies = rewrite_model(
+                opened.loaded.proto,
+                opened.scan.layers,
+                self.projections(alpha_r, alpha_f),
+                metadata,
+            )
+        with self.timer("save"):
+            if destination is None:
+                verify_model(new_model, opened.loaded.proto)
+            else:
+                save_model_atomically(
+                    new_model,
+                    destination,
+                    needs_external_data(new_model, opened.loaded.has_external_data),
+                    lambda staged: verify_file(staged, opened.loaded.proto),
+                )
+        with self.timer("evaluate"):
+            comparisons, extras = self._compare(opened, new_model, used, eval_samples)
+        options = _options_dict(self.settings)
+        options.update(alpha_r=float(alpha_r), alpha_f=float(alpha_f))
+        report = Report(
+            model=str(opened.loaded.path) if opened.loaded.path else "(in memory)",
+            output=str(destination) if destination else None,
+            forgotten_classes=self.classes,
+            options=options,
+            provider=self.provider[0],
+            provider_note=self.provider[1],
+            layers=layer_rows(LayerScan(opened.scan.layers, ())),
+            skipped_layers=layer_rows(LayerScan((), opened.scan.skipped)),
+            copied_weights=copies,
+            samples=self.sample_counts,
+            comparisons=comparisons,
+            timings=self.timer.seconds,
+            **extras,
+        )
+        return ForgetResult(new_model, report, destination)
+
+    def _compare(self, opened, new_model, used, eval_samples):
+        """Before/after accuracy on the samples used and on `eval_samples`; with both, the
+        membership-inference share of the forgotten samples and where they now go."""
+        new_runner = opened.runner(new_model)
+        comparisons, extras = [], {}
+        after_used = None
+        if used is not None:
+            labels = used["samples"].labels[used["indices"]]
+            after_used = opened.scores(new_runner, used["samples"], used["indices"])
+            comparisons.append(
+                Comparison(
+                    "samples",
+                    Accuracy.of(labels, np.argmax(used["scores"], axis=1), self.classes),
+                    Accuracy.of(labels, np.argmax(after_used, axis=1), self.classes),
+                )
+            )
+            extras["confusion"] = confusion(labels, np.argmax(after_used, 1), self.classes)
+        if eval_samples is None:
+            return comparisons, extras
+        held_out = opened.samples(eval_samples)
+        everything = np.arange(len(held_out))
+        before = opened.scores(opened.runner(opened.loaded.proto), held_out, everything)
+        after = opened.scores(new_runner, held_out, everything)
+        comparisons.append(
+            Comparison(
+                "eval",
+                Accuracy.of(held_out.labels, np.argmax(before, axis=1), self.classes),
+                Accuracy.of(held_out.labels, np.argmax(after, axis=1), self.classes),
+            )
+        )
+        extras["confusion"] = confusion(held_out.labels, np.argmax(after, 1), self.classes)
+        if used is not None:
+            member_labels = used["samples"].labels[used["indices"]]
+            extras["membership"] = {
+                name: _membership(
+                    member_scores, member_labels, held_scores, held_out.labels, self.classes
+                )
+                for name, member_scores, held_scores in (
+                    ("before", used["scores"], before),
+                    ("after", after_used, after),
+                )
+            }
+        return comparisons, extras
+
+
+def _metadata(loaded: LoadedModel, classes, alpha_r, alpha_f, counts) -> dict[str, str]:
+    """This run's metadata props; a model forgotten before keeps its history.
+
+    `onnx_forget.forgotten_classes` is every class forgotten so far, and
+    `onnx_forget.history` a JSON list with one entry per run, oldest first.
+    """
+    previous = {p.key: p.value for p in loaded.proto.metadata_props}
+    earlier = [int(c) for c in previous.get("onnx_forget.forgotten_classes", "").split(",") if c]
+    this_run = {
+        "forgotten_classes": classes,
+        "alpha_r": float(alpha_r),
+        "alpha_f": float(alpha_f),
+        "samples": {"retain": counts["retain"], "forget": counts["forget"]},
+        "source_sha256": loaded.sha256,
+        "version": VERSION,
+    }
+    history = [*json.loads(previous.get("onnx_forget.history", "[]")), this_run]
+    return {
+        "onnx_forget.forgotten_classes": ",".join(map(str, sorted({*earlier, *classes}))),
+        "onnx_forget.alpha_r": repr(float(alpha_r)),
+        "onnx_forget.alpha_f": repr(float(alpha_f)),
+        "onnx_forget.samples": f"retain={counts['retain']},forget={counts['forget']}",
+        "onnx_forget.source_sha256": loaded.sha256,
+        "onnx_forget.version": VERSION,
+        "onnx_forget.history": json.dumps(history),
+    }
+
+
+def _check_statistics(statistics: ClassStatistics, opened: _OpenModel, classes, origin):
+    """Refuse statistics of another model; return the kept classes they cover."""
+    if statistics.model_sha256 != opened.loaded.sha256:
+        raise InputError(
+            f"{origin}: statistics were collected on another model (sha256 "
+            f"{statistics.model_sha256[:12]}..., this one {opened.loaded.sha256[:12]}...)"
+        )
+    expected = [statistic_id(layer) for layer in statistic_layers(opened.scan.layers)]
+    if statistics.statistics != expected:
+        raise InputError(f"{origin}: statistics do not match this model's layers")
+    missing = [c for c in classes if c not in statistics.samples]
+    if missing:
+        raise InputError(f"{origin}: no statistics for class {missing[0]} to forget")
+    kept = [c for c in statistics.classes if c not in classes]
+    if not kept:
+        raise InputError(f"{origin}: no statistics of a class to keep")
+    return kept
 
 
 def _destination(model_path: Path | None, output, classes: list[int], force: bool) -> Path | None:
@@ -207,10 +625,13 @@ def _destination(model_path: Path | None, output, classes: list[int], force: boo
 def _choose_sets(
     sample_set: SampleSet,
     classes: list[int],
-    class_count: int | None,
+    opened: _OpenModel,
     settings: ForgetOptions,
+    among: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Check the classes against model and samples, then pick retain and forget samples."""
+    """Check the classes against model and samples, then pick retain and forget samples
+    (from the indices `among`, default all)."""
+    class_count = opened.signature.class_count
     if class_count is not None:
         beyond = [c for c in classes if c >= class_count] + sorted(
             {int(label) for label in sample_set.labels if label >= class_count}
@@ -220,82 +641,31 @@ def _choose_sets(
                 f"class {beyond[0]} does not exist: the model has {class_count} classes (0.."
                 f"{class_count - 1})"
             )
-    present = set(np.unique(sample_set.labels).tolist())
+    among = np.arange(len(sample_set)) if among is None else among
+    labels = sample_set.labels[among]
+    present = set(np.unique(labels).tolist())
     missing = [c for c in classes if c not in present]
     if missing:
         raise InputError(f"{sample_set.origin}: no samples of class {missing[0]} to forget")
     retain, forget_indices = select_samples(
-        sample_set.labels,
-        classes,
-        settings.retain_per_class,
-        settings.forget_samples,
-        settings.seed,
+        labels, classes, settings.retain_per_class, settings.forget_samples, settings.seed
     )
     if not len(retain):
         raise InputError("no samples of a class to keep: cannot forget every class")
-    return retain, forget_indices
-
-
-def _compare(
-    original,
-    new_model,
-    signature,
-    settings,
-    sample_set,
-    retain,
-    forget_indices,
-    before,
-    classes,
-    eval_samples,
-) -> list[Comparison]:
-    """Accuracy before and after on the samples used and, if given, on a held-out set."""
-
-    def runner_for(model):
-        return open_runner(
-            model,
-            settings.device,
-            settings.batch_size,
-            signature.fixed_batch,
-            signature.input_name,
-        )
-
-    new_runner = runner_for(new_model)
-    used = np.concatenate([retain, forget_indices])
-    labels = sample_set.labels[used]
-    before_predictions = np.array([before[i] for i in used.tolist()])
-    after_predictions = predict(new_runner, sample_set, used, signature.scores_name)
-    comparisons = [
-        Comparison(
-            "samples",
-            Accuracy.of(labels, before_predictions, classes),
-            Accuracy.of(labels, after_predictions, classes),
-        )
-    ]
-    if eval_samples is not None:
-        held_out = open_samples(
-            eval_samples, signature, settings.preprocessing, settings.class_names
-        )
-        everything = np.arange(len(held_out))
-        original_runner = runner_for(original)
-        comparisons.append(
-            Comparison(
-                "eval",
-                Accuracy.of(
-                    held_out.labels,
-                    predict(original_runner, held_out, everything, signature.scores_name),
-                    classes,
-                ),
-                Accuracy.of(
-                    held_out.labels,
-                    predict(new_runner, held_out, everything, signature.scores_name),
-                    classes,
-                ),
-            )
-        )
-    return comparisons
+    return among[retain], among[forget_indices]
 
 
 def _options_dict(settings: ForgetOptions) -> dict:
     values = dataclasses.asdict(settings)
     values.pop("progress")
     return values
+
+
+def _statistics_options(settings: ForgetOptions) -> dict:
+    """The options that shape statistics: files must agree on them to be combined."""
+    return {
+        "max_patches": settings.max_patches,
+        "seed": settings.seed,
+        "preprocessing": dataclasses.asdict(settings.preprocessing),
+        "output_name": settings.output_name,
+    }

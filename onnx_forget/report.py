@@ -36,6 +36,8 @@ class Report:
     samples: dict
     comparisons: list[Comparison] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    confusion: dict[int, dict[int, int]] | None = None  # forgotten class -> predicted counts
+    membership: dict[str, float] | None = None  # attack's member share, before and after
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +53,8 @@ class Report:
             "copied_weights": self.copied_weights,
             "samples": self.samples,
             "accuracy": {c.name: _comparison_dict(c) for c in self.comparisons},
+            "confusion": self.confusion,
+            "membership": self.membership,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
@@ -75,6 +79,14 @@ class Report:
         ]
         for comparison in self.comparisons:
             lines += ["", *accuracy_table(comparison, self.forgotten_classes)]
+        for label, where in (self.confusion or {}).items():
+            spread = ", ".join(f"{p}: {n}" for p, n in sorted(where.items(), key=lambda i: -i[1]))
+            lines.append(f"class {label} samples now go to  {spread}")
+        if self.membership:
+            lines.append(
+                "membership inference: forgotten samples called members "
+                f"{self.membership['before']:.1f}% before, {self.membership['after']:.1f}% after"
+            )
         phases = "  ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
         lines += ["", f"time       {phases}"]
         return "\n".join(lines)
@@ -147,4 +159,61 @@ def format_layers(scan: LayerScan) -> str:
     for skipped in scan.skipped:
         lines.append(f"{skipped.node:<28} {skipped.op:<7} skipped: {skipped.reason}")
     lines.append(f"{len(scan.layers)} projectable, {len(scan.skipped)} skipped")
+    return "\n".join(lines)
+
+
+def format_tuning(grid: list[dict], best: dict) -> str:
+    """The α grid as a table, best point marked, and how close the runners-up came."""
+    lines = ["alpha search (validation %; score = retain * (100 - forget))"]
+    lines.append(f"{'alpha_r':>8} {'alpha_f':>8} {'retain':>8} {'forget':>8} {'score':>9}")
+    for point in grid:
+        mark = "  <- best" if point is best else ""
+        lines.append(
+            f"{point['alpha_r']:>8g} {point['alpha_f']:>8g} {point['retain']:>8.1f} "
+            f"{point['forget']:>8.1f} {point['score']:>9.1f}{mark}"
+        )
+    runners_up = sorted((p for p in grid if p is not best), key=lambda p: -p["score"])[:2]
+    for point in runners_up:
+        lines.append(
+            f"runner-up alpha_r={point['alpha_r']:g} alpha_f={point['alpha_f']:g}: "
+            f"score {point['score']:.1f} ({point['score'] - best['score']:+.1f})"
+        )
+    return "\n".join(lines)
+
+
+def format_statistics(summary: dict) -> str:
+    """What a statistics file holds."""
+    classes = ", ".join(f"{c}: {n}" for c, n in summary["samples"].items())
+    return "\n".join(
+        [
+            f"statistics  {summary['path']}",
+            f"model       sha256 {summary['model_sha256']}",
+            f"layers      {summary['statistics']} statistics",
+            f"samples     {classes}",
+            f"options     {summary['options']}",
+        ]
+    )
+
+
+def format_evaluation(evaluation) -> str:
+    """The `onnx-forget evaluate` table."""
+    accuracy = evaluation.accuracy
+    lines = [f"{'class':>8} {'n':>6} {'accuracy':>9}"]
+    for label, count in accuracy.counts.items():
+        mark = " forgotten" if label in evaluation.forgotten_classes else ""
+        lines.append(f"{label:>8} {count:>6} {accuracy.per_class[label]:>9.1f}{mark}")
+    lines.append(f"{'retain':>8} {'':>6} {_pct(accuracy.retain)}")
+    lines.append(f"{'forget':>8} {'':>6} {_pct(accuracy.forget)}")
+    for label, where in evaluation.confusion.items():
+        spread = ", ".join(f"{p}: {n}" for p, n in sorted(where.items(), key=lambda i: -i[1]))
+        lines.append(f"class {label} samples go to  {spread}")
+    if evaluation.agreement is not None:
+        lines.append(
+            f"top-1 agreement with the reference on kept classes  {evaluation.agreement:.1f}%"
+        )
+        lines.append(f"mean KL(reference || model) on kept classes  {evaluation.kl_divergence:.4f}")
+    for name, share in (evaluation.membership or {}).items():
+        lines.append(
+            f"membership inference ({name}): forgotten samples called members {share:.1f}%"
+        )
     return "\n".join(lines)

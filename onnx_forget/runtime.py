@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import click
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -49,6 +52,9 @@ class Runner:
     input_name: str
     batch_size: int
     fixed_batch: bool
+    # `--device auto` on CUDA: how to start a CPU session if CUDA fails on this model.
+    cpu_fallback: Callable[[], ort.InferenceSession] | None = None
+    cuda_failure: str | None = None  # why CUDA was given up for this model
 
     @property
     def provider(self) -> str:
@@ -57,6 +63,8 @@ class Runner:
     @property
     def provider_note(self) -> str | None:
         """Why the session is not on CUDA although this onnxruntime lists the provider."""
+        if self.cuda_failure is not None:
+            return f"{self.cuda_failure}; ran on the CPU instead"
         if self.provider != CUDA and CUDA in ort.get_available_providers():
             return "the CUDA provider of onnxruntime did not start; ran on the CPU"
         return None
@@ -78,15 +86,23 @@ class Runner:
             padding = self.batch_size - len(batch) if self.fixed_batch else 0
             if padding:
                 inputs = np.concatenate([inputs, np.repeat(inputs[:1], padding, axis=0)])
-            try:
-                outputs = self.session.run(output_names, {self.input_name: inputs})
-            except ORT_ERRORS as error:
-                raise UnsupportedModelError(
-                    f"onnxruntime ({self.provider}) failed to run the model: {_first_line(error)}"
-                ) from None
+            outputs = self._outputs(output_names, {self.input_name: inputs})
             if padding:
                 outputs = [_drop_padding(o, len(batch), self.batch_size) for o in outputs]
             yield batch, outputs
+
+    def _outputs(self, output_names: list[str] | None, feed: dict) -> list[np.ndarray]:
+        """One batch through the session; under `auto`, a CUDA failure moves to the CPU."""
+        while True:
+            try:
+                return self.session.run(output_names, feed)
+            except ORT_ERRORS as error:
+                message = f"onnxruntime ({self.provider}) failed to run the model: "
+                message += _first_line(error)
+                if self.cpu_fallback is None or self.provider == CPU:
+                    raise UnsupportedModelError(message) from None
+                self.session, self.cpu_fallback = self.cpu_fallback(), None
+                self.cuda_failure = message
 
 
 def _drop_padding(output: np.ndarray, real: int, padded: int) -> np.ndarray:
@@ -118,18 +134,32 @@ def open_runner(
     payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = None
+    # Same inputs and seed, same model bytes: no kernel may pick its algorithm by timing.
+    options.use_deterministic_compute = True
+
+    def cpu_session() -> ort.InferenceSession:
+        return _session(payload, options, [CPU])
+
+    session, cuda_failure = None, None
     if device in ("auto", "cuda") and cuda_starts():
-        session = _session(payload, options, [CUDA, CPU])
+        try:
+            session = _session(payload, options, [CUDA, CPU])
+        except UnsupportedModelError as error:
+            if device == "cuda":
+                raise
+            cuda_failure = str(error)
     if session is None:
         if device == "cuda":
             raise InputError("--device cuda: the CUDA provider of onnxruntime did not start")
-        session = _session(payload, options, [CPU])
+        session = cpu_session()
+    on_cuda = session.get_providers()[0] == CUDA
     return Runner(
         session=session,
         input_name=input_name,
         batch_size=fixed_batch or batch_size,
         fixed_batch=fixed_batch is not None,
+        cpu_fallback=cpu_session if device == "auto" and on_cuda else None,
+        cuda_failure=cuda_failure,
     )
 
 
@@ -174,3 +204,18 @@ def _session(payload, options, providers) -> ort.InferenceSession:
         raise UnsupportedModelError(
             f"onnxruntime ({providers[0]}) cannot load the model: {_first_line(error)}"
         ) from None
+
+
+class _NoProgress:
+    def update(self, steps: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str, wanted: bool):
+    """A progress bar on stderr when wanted and stderr is a terminal, else nothing."""
+    if not (wanted and sys.stderr.isatty()):
+        yield _NoProgress()
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar

@@ -136,7 +136,7 @@ class StatisticsCollector:
         seed: int,
     ):
         self.accumulators: dict[tuple, dict[str, GramAccumulator]] = {}
-        for number, layer in enumerate(_unique_by_key(layers)):
+        for number, layer in enumerate(statistic_layers(layers)):
             self.accumulators[layer.statistic_key] = {
                 name: GramAccumulator(layer, labels, max_patches, (seed, number))
                 for name, labels in set_labels.items()
@@ -150,7 +150,8 @@ class StatisticsCollector:
         return self.accumulators[key][sample_set].gram
 
 
-def _unique_by_key(layers: tuple[Layer, ...]) -> list[Layer]:
+def statistic_layers(layers: tuple[Layer, ...]) -> list[Layer]:
+    """The first layer of each statistic, in graph order: statistic `i` of a file."""
     first = {}
     for layer in layers:
         first.setdefault(layer.statistic_key, layer)

@@ -21,6 +21,27 @@ class Decomposition:
     energies: np.ndarray
 
 
+@dataclass(frozen=True)
+class SpacePair:
+    """Retain and forget decompositions of one statistic, one pair per group."""
+
+    retain: tuple[Decomposition, ...]
+    forget: tuple[Decomposition, ...]
+
+    @classmethod
+    def of(cls, retain_grams: np.ndarray, forget_grams: np.ndarray) -> SpacePair:
+        """Decompose `[groups, d, d]` retain and forget Gram matrices."""
+        return cls(
+            tuple(decompose(g) for g in retain_grams), tuple(decompose(g) for g in forget_grams)
+        )
+
+    def projections(self, alpha_r: float, alpha_f: float) -> np.ndarray:
+        """One `P` per group, `[groups, d, d]`; only this step depends on the alphas."""
+        return np.stack(
+            [projection(r, f, alpha_r, alpha_f) for r, f in zip(self.retain, self.forget)]
+        )
+
+
 def decompose(gram: np.ndarray) -> Decomposition:
     """Eigen-decomposition of a symmetric `[d, d]` Gram matrix in float64."""
     eigenvalues, eigenvectors = scipy.linalg.eigh(gram)
@@ -48,15 +69,3 @@ def projection(
     m_retain = importance_matrix(retain, alpha_r)
     m_forget = importance_matrix(forget, alpha_f)
     return np.eye(len(m_forget)) - (m_forget - m_forget @ m_retain)
-
-
-def projections(
-    retain_grams: np.ndarray, forget_grams: np.ndarray, alpha_r: float, alpha_f: float
-) -> np.ndarray:
-    """One `P` per group: `[groups, d, d]` from `[groups, d, d]` retain and forget Grams."""
-    return np.stack(
-        [
-            projection(decompose(retain), decompose(forget), alpha_r, alpha_f)
-            for retain, forget in zip(retain_grams, forget_grams)
-        ]
-    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +153,34 @@ def test_metadata_and_interface_of_the_new_model():
     assert result.model.graph.input == source.graph.input
     assert result.model.graph.output == source.graph.output
     assert result.model.opset_import == source.opset_import
+
+
+def test_tune_picks_the_grid_point_with_the_best_validation_score(tmp_path):
+    """The written model is the printed grid's maximum, and its alphas are recorded."""
+    tuned = onnx_forget.tune(
+        CNN,
+        3,
+        SAMPLES,
+        alpha_r_grid=(10, 100),
+        alpha_f_grid=(1, 3, 10),
+        output=tmp_path / "tuned.onnx",
+        **SMALL,
+    )
+    assert len(tuned.grid) == 6
+    assert tuned.best["score"] == max(point["score"] for point in tuned.grid)
+    for point in tuned.grid:
+        assert point["score"] == pytest.approx(point["retain"] * (100 - point["forget"]))
+    props = {p.key: p.value for p in onnx.load(tmp_path / "tuned.onnx").metadata_props}
+    assert float(props["onnx_forget.alpha_r"]) == tuned.best["alpha_r"]
+    assert float(props["onnx_forget.alpha_f"]) == tuned.best["alpha_f"]
+
+
+def test_second_round_accumulates_the_history(tmp_path):
+    """Forgetting 3, then 5 on the result: both are recorded, oldest first."""
+    first = onnx_forget.forget(CNN, 3, SAMPLES, output=tmp_path / "no3.onnx", **SMALL)
+    second = onnx_forget.forget(first.output, 5, SAMPLES, output=tmp_path / "no35.onnx", **SMALL)
+    props = {p.key: p.value for p in second.model.metadata_props}
+    assert props["onnx_forget.forgotten_classes"] == "3,5"
+    history = json.loads(props["onnx_forget.history"])
+    assert [run["forgotten_classes"] for run in history] == [[3], [5]]
+    assert history[1]["source_sha256"] == hashlib.sha256(first.output.read_bytes()).hexdigest()

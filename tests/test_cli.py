@@ -313,11 +313,13 @@ def _forget_every_class_present(tmp, model):
     ids=lambda v: v.__name__.strip("_") if callable(v) else str(v),
 )
 def test_bad_input_is_one_line_and_an_exit_code(cli, model, tmp_path, setup, code):
-    """Each bad input exits with its documented code, one stderr line, no files left."""
+    """Each bad input exits with its documented code, one stderr line, the input model
+    unchanged, no files left."""
     args = setup(tmp_path, model)
-    before = listing(tmp_path)
+    before, digest = listing(tmp_path), sha256(model)
     process = cli(*args)
     _assert_refused(process, code, before, listing(tmp_path))
+    assert sha256(model) == digest
 
 
 def test_report_into_a_missing_folder_is_a_usage_error(cli, model, tmp_path):
@@ -398,3 +400,41 @@ def test_non_sample_files_are_skipped_and_counted(cli, model, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["samples"]["skipped_files"] == 3
     assert report["samples"]["retain"] == 90 and report["samples"]["forget"] == 10
+
+
+def test_collect_merge_and_forget_from_statistics(cli, model, tmp_path):
+    """The statistics workflow as a pipeline runs it: shards, merge, forget with no samples."""
+    for name, classes in (("a", "0,1,2,3,4"), ("b", "5,6,7,8,9")):
+        done = cli(
+            "collect", model, "--samples", SAMPLES, "--classes", classes, "--per-class", "10",
+            "-o", tmp_path / f"{name}.npz", "-q",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    done = cli("merge", tmp_path / "a.npz", tmp_path / "b.npz", "-o", tmp_path / "all.npz",
+               "--report", tmp_path / "merge.json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "merge.json").read_text())
+    assert summary["samples"] == {str(c): 10 for c in range(10)}
+    done = cli(model, "--forget-class", "4", "--stats", tmp_path / "all.npz", "-o", "out.onnx")
+    assert done.returncode == 0, done.stderr
+    assert _metadata(tmp_path / "out.onnx")["onnx_forget.forgotten_classes"] == "4"
+
+
+def test_evaluate_prints_accuracy_and_agreement(cli, model, tmp_path):
+    done = cli(model, "--forget-class", "2", "--samples", SAMPLES, *FAST, "-o", "no2.onnx", "-q")
+    assert done.returncode == 0, done.stderr
+    done = cli("evaluate", "no2.onnx", "--samples", HELD_OUT, "--reference", model,
+               "--report", "eval.json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "agreement with the reference" in done.stdout
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["forgotten_classes"] == [2]
+    assert evaluation["accuracy"]["forget"] < 20
+
+
+def test_tune_prints_the_grid_and_marks_the_best(cli, model, tmp_path):
+    done = cli(model, "--forget-class", "1", "--samples", SAMPLES, *FAST, "--tune",
+               "--alpha-r-grid", "10,100", "--alpha-f-grid", "1,3", "-o", "tuned.onnx")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("<- best") == 1
+    assert (tmp_path / "tuned.onnx").is_file()

@@ -1,0 +1,97 @@
+"""Per-class statistics files: round trip, merging shards, forgetting without samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import onnx_forget
+from onnx_forget.errors import InputError
+from onnx_forget.statsfile import load_statistics
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+CNN = FIXTURES / "mnist_cnn.onnx"
+PER_CLASS = 15
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """`PER_CLASS` held-out digits of each class, as (x, y) arrays."""
+    with np.load(FIXTURES / "mnist_heldout.npz") as archive:
+        x, y = archive["x"], archive["y"]
+    chosen = np.concatenate([np.flatnonzero(y == c)[:PER_CLASS] for c in range(10)])
+    return x[chosen], y[chosen]
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+
+
+def _largest_relative_difference(a: dict, b: dict) -> float:
+    return max(float(np.max(np.abs(a[k] - b[k])) / np.max(np.abs(b[k]))) for k in b)
+
+
+def test_statistics_round_trip_through_a_file(tmp_path, digits):
+    collected = onnx_forget.collect(CNN, digits, classes=[1, 3, 7])
+    collected.save(tmp_path / "stats.npz")
+    loaded = load_statistics(tmp_path / "stats.npz")
+    assert loaded.samples == {1: PER_CLASS, 3: PER_CLASS, 7: PER_CLASS}
+    assert loaded.statistics == collected.statistics and loaded.options == collected.options
+    for key, gram in collected.grams.items():
+        assert np.array_equal(loaded.grams[key], gram)
+        assert loaded.vectors[key] == collected.vectors[key]
+
+
+def test_merge_of_two_shards_equals_one_collection_over_both(tmp_path, digits):
+    """With every patch, Gram matrices are plain sums over samples: shards add up exactly."""
+    x, y = digits
+    halves = [np.arange(len(y)) % 2 == parity for parity in (0, 1)]
+    for name, half in zip(("a", "b"), halves):
+        onnx_forget.collect(CNN, (x[half], y[half]), max_patches=0).save(tmp_path / f"{name}.npz")
+    merged = onnx_forget.merge([tmp_path / "a.npz", tmp_path / "b.npz"])
+    whole = onnx_forget.collect(CNN, (x, y), max_patches=0)
+    assert merged.samples == whole.samples
+    for key, gram in whole.grams.items():
+        assert np.max(np.abs(merged.grams[key] - gram)) <= 1e-9 * np.max(np.abs(gram))
+        assert merged.vectors[key] == whole.vectors[key]
+
+
+def test_forgetting_from_statistics_equals_forgetting_from_samples(tmp_path, digits):
+    """Same samples, same options (patch sampling included): the same weights."""
+    onnx_forget.collect(CNN, digits).save(tmp_path / "stats.npz")
+    from_stats = onnx_forget.forget(
+        CNN, 3, stats=tmp_path / "stats.npz", output=tmp_path / "a.onnx"
+    )
+    from_samples = onnx_forget.forget(CNN, 3, digits, output=tmp_path / "b.onnx")
+    difference = _largest_relative_difference(
+        _weights(from_stats.model), _weights(from_samples.model)
+    )
+    assert difference <= 1e-9
+    assert _largest_relative_difference(_weights(from_stats.model), _weights(onnx.load(CNN))) > 1e-3
+
+
+def test_statistics_of_another_model_are_refused(tmp_path, digits):
+    onnx_forget.collect(CNN, digits, classes=[2, 3]).save(tmp_path / "stats.npz")
+    other = onnx.load(CNN)
+    other.graph.initializer[0].raw_data = bytes(len(other.graph.initializer[0].raw_data))
+    onnx.save(other, tmp_path / "other.onnx")
+    with pytest.raises(InputError, match="another model"):
+        onnx_forget.forget(tmp_path / "other.onnx", 3, stats=tmp_path / "stats.npz")
+
+
+def test_merge_refuses_statistics_collected_with_other_options(tmp_path, digits):
+    onnx_forget.collect(CNN, digits, classes=[1], seed=0).save(tmp_path / "a.npz")
+    onnx_forget.collect(CNN, digits, classes=[2], seed=1).save(tmp_path / "b.npz")
+    with pytest.raises(InputError, match="options differs"):
+        onnx_forget.merge([tmp_path / "a.npz", tmp_path / "b.npz"])
+
+
+def test_statistics_file_is_never_unpickled(tmp_path):
+    """An object array where the header should be is refused, not loaded."""
+    np.savez(tmp_path / "evil.npz", header=np.array([{"format": 1}], dtype=object))
+    with pytest.raises(InputError, match="not a readable statistics file"):
+        load_statistics(tmp_path / "evil.npz")
