@@ -6,6 +6,10 @@ class ForgetError(Exception):
 
     exit_code = 1
 
+    def __str__(self) -> str:
+        """The message on one line: the checker and onnxruntime write theirs on several."""
+        return " ".join(super().__str__().split())
+
 
 class InputError(ForgetError):
     """Bad usage or unreadable input: a path, an option, a sample file."""

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import ml_dtypes  # onnx's own dependency: numpy's type for BFLOAT16 tensors
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -15,7 +16,7 @@ from onnx import helper, numpy_helper
 # the projected weight can be written back into the stored tensor.
 WEIGHT_PASSTHROUGH = ("Identity", "Transpose", "Cast", "Reshape")
 PROJECTABLE_OPS = ("Conv", "Gemm", "MatMul")
-PROJECTABLE_DTYPES = (np.float16, np.float32, np.float64)
+PROJECTABLE_DTYPES = (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
 
 # Orientation of the weight as the layer uses it.
 CONV = "conv"  # [out, in/groups, *kernel]: per group a [out/groups, d] matrix

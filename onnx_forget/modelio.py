@@ -1,24 +1,42 @@
-"""Safe loading and atomic saving of ONNX models, external weight files included."""
+"""Safe loading and atomic saving of ONNX models, external weight files included.
+
+Models come from other teams and tools, so a path is read as untrusted input: its size
+is bounded, its external data must be plain files inside its folder and is read here,
+never by onnx's loader, after every reference was checked, and it must pass the ONNX
+checker.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import stat
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
 
 import onnx
-from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from google.protobuf.message import DecodeError, Message
 
 from .errors import InputError, UnsupportedModelError
+from .options import DEFAULT_MAX_MODEL_BYTES
 
 # Protobuf cannot serialise a message over 2 GiB; such models keep weights beside them.
 PROTOBUF_LIMIT = 2**31 - 1
+# The keys of the ONNX external data spec; "basepath" is onnx's in-memory bookkeeping and,
+# in a file, could only move where the data is read from.
 EXTERNAL_DATA_KEYS = {"location", "offset", "length", "checksum"}
+DIGITS = re.compile(r"[0-9]+")
+# Never follow a link when opening external data (0 where the platform has no such flag).
+OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+LIMIT_HINT = "raise --max-model-bytes if it is meant to be this large"
+# The mode open() gives a new file before the umask (mkstemp's files are owner-only).
+PLAIN_FILE_MODE = 0o666
 
 
 @dataclass
@@ -31,95 +49,234 @@ class LoadedModel:
     has_external_data: bool
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
-    """Load a model from a path or take a ModelProto, refusing unsafe external data."""
+@dataclass(frozen=True)
+class _ExternalRange:
+    """One tensor's bytes in an external data file, as its entries declare them."""
+
+    tensor: onnx.TensorProto
+    location: str
+    offset: int
+    length: int | None  # None: to the end of the file
+
+
+def load_model(
+    source: str | os.PathLike | onnx.ModelProto, max_bytes: int = DEFAULT_MAX_MODEL_BYTES
+) -> LoadedModel:
+    """Load a model from a path or take a ModelProto, refusing anything unsafe.
+
+    A path is refused when it is not a regular file, is over `max_bytes` (external data
+    included), is not ONNX, has external data that is not a plain file inside its folder
+    or a range beyond that file, or fails the ONNX checker. External data is read only
+    once every reference of the model has passed.
+    """
     if isinstance(source, onnx.ModelProto):
-        data = source.SerializeToString()
-        return LoadedModel(source, None, hashlib.sha256(data).hexdigest(), False)
+        return _in_memory(source)
     path = Path(source)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
-    data = path.read_bytes()
+    data = _read_model_file(path, max_bytes)
     try:
         proto = onnx.load_model_from_string(data)
     except (DecodeError, RuntimeError, ValueError) as error:
-        raise InputError(f"{path}: not an ONNX model ({error})") from None
+        raise InputError(
+            f"{path}: not an ONNX model, or a truncated one ({error}); export or copy it again"
+        ) from None
     if not proto.HasField("graph") or not proto.graph.node:
-        raise InputError(f"{path}: not an ONNX model (no graph nodes)")
-    external = [t for t in _all_tensors(proto.graph) if _is_external(t)]
-    for tensor in external:
-        _check_external_data(tensor, path.parent)
-    if external:
-        external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    return LoadedModel(proto, path, hashlib.sha256(data).hexdigest(), bool(external))
+        raise InputError(f"{path}: not an ONNX model (no graph nodes); export or copy it again")
+    ranges = [_external_range(t, path) for t in all_tensors(proto) if _is_external(t)]
+    files = _check_external_files(ranges, path)
+    external_bytes = sum(_range_length(r, files[r.location]) for r in ranges)
+    if len(data) + external_bytes > max_bytes:
+        raise InputError(
+            f"{path}: the model and its external data hold {len(data) + external_bytes} "
+            f"bytes, over the limit of {max_bytes}; {LIMIT_HINT}"
+        )
+    # With external data the checker must be given the path to find the (checked) files.
+    _check_model(str(path) if ranges else data, path)
+    _read_external_data(ranges, files, path)
+    return LoadedModel(proto, path, hashlib.sha256(data).hexdigest(), bool(ranges))
+
+
+def _in_memory(proto: onnx.ModelProto) -> LoadedModel:
+    """A ModelProto has no folder its external data could be checked against: refused."""
+    for tensor in all_tensors(proto):
+        if _is_external(tensor):
+            raise InputError(
+                f"in-memory model: tensor {tensor.name!r} keeps its data in an external "
+                "file; pass the model's path instead"
+            )
+    data = proto.SerializeToString()
+    _check_model(data, "in-memory model")
+    return LoadedModel(proto, None, hashlib.sha256(data).hexdigest(), False)
+
+
+def _read_model_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, read without reading more."""
+    try:
+        status = path.stat()
+        if stat.S_ISDIR(status.st_mode):
+            raise InputError(f"{path}: is a folder; give the .onnx file inside it")
+        if not stat.S_ISREG(status.st_mode):
+            raise InputError(f"{path}: not a regular file; give an .onnx file")
+        if status.st_size > max_bytes:
+            raise InputError(
+                f"{path}: {status.st_size} bytes, over the limit of {max_bytes}; {LIMIT_HINT}"
+            )
+        with path.open("rb") as stream:
+            data = stream.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; check the model path") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the model ({error.strerror})") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{path}: grew over the limit of {max_bytes} bytes while being read")
+    if not data:
+        raise InputError(f"{path}: empty file, not an ONNX model; export or copy it again")
+    return data
+
+
+def _check_model(model: bytes | str, where: Path | str) -> None:
+    """The ONNX checker's verdict as an UnsupportedModelError (exit 3)."""
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as error:
+        raise UnsupportedModelError(
+            f"{where}: fails the ONNX checker ({error}); fix or re-export the model"
+        ) from None
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of a graph: initializers, node attributes, subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _all_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _all_tensors(subgraph)
+def all_tensors(message: Message) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto anywhere in a message: initializers, sparse tensors, node
+    attributes, subgraphs, function bodies, training info, and any field ONNX adds.
+
+    Walking every message field, rather than the places onnx's own helpers know, is what
+    guarantees no external reference is left unchecked for a later reader to follow.
+    """
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        for item in (value,) if isinstance(value, Message) else value:
+            if isinstance(item, onnx.TensorProto):
+                yield item
+            else:
+                yield from all_tensors(item)
 
 
-def _check_external_data(tensor: onnx.TensorProto, folder: Path) -> None:
-    """Refuse external data that points outside the model's folder or beyond its file."""
-    entries = {entry.key: entry.value for entry in tensor.external_data}
-    unknown = set(entries) - EXTERNAL_DATA_KEYS
-    if unknown:
-        raise InputError(
-            f"tensor {tensor.name!r}: unknown external data key(s) {sorted(unknown)}; "
-            "refusing the model"
-        )
+def _external_range(tensor: onnx.TensorProto, path: Path) -> _ExternalRange:
+    """A tensor's external data entries, refused unless they name a file inside the folder."""
+    where = f"{path}: tensor {tensor.name!r}"
+    entries: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key not in EXTERNAL_DATA_KEYS:
+            raise InputError(
+                f"{where}: unknown external data key {entry.key!r} (known: "
+                f"{', '.join(sorted(EXTERNAL_DATA_KEYS))}); refusing the model"
+            )
+        if entry.key in entries:
+            raise InputError(f"{where}: external data key {entry.key!r} given twice")
+        entries[entry.key] = entry.value
     location = entries.get("location", "")
-    candidate = folder / location
-    inside = Path(os.path.normpath(location))
-    if (
-        not location
-        or inside.is_absolute()
-        or inside.parts[:1] == ("..",)
-        or candidate.is_symlink()
-        or not candidate.resolve().is_relative_to(folder.resolve())
-    ):
+    if not _is_plain_relative(location):
         raise InputError(
-            f"tensor {tensor.name!r}: external data location {location!r} is outside the "
-            f"model's folder {folder}; refusing the model"
+            f"{where}: external data location {location!r} is outside the model's folder; "
+            "keep the data file beside the model under a relative name without '..'"
         )
-    if not candidate.is_file():
-        raise InputError(f"tensor {tensor.name!r}: external data file {candidate} is missing")
-    status = candidate.stat()
+    numbers = {}
+    for key in ("offset", "length"):
+        if key in entries and not DIGITS.fullmatch(entries[key]):
+            raise InputError(f"{where}: external data {key} {entries[key]!r} is not a number")
+        numbers[key] = int(entries[key]) if key in entries else None
+    return _ExternalRange(tensor, location, numbers["offset"] or 0, numbers["length"])
+
+
+def _is_plain_relative(location: str) -> bool:
+    """Relative on every platform, without '..' and without a NUL byte."""
+    if not location or "\0" in location:
+        return False
+    for flavour in (PurePosixPath, PureWindowsPath):
+        name = flavour(location)
+        if name.anchor or ".." in name.parts:
+            return False
+    return True
+
+
+def _check_external_files(ranges: list[_ExternalRange], path: Path) -> dict[str, os.stat_result]:
+    """Status of every external data file: plain, single-linked, inside the folder; each
+    range within its file. Nothing is opened, let alone read."""
+    folder = path.parent.resolve()
+    files: dict[str, os.stat_result] = {}
+    for item in ranges:
+        if item.location not in files:
+            files[item.location] = _external_file(folder / item.location, folder, path)
+        status = files[item.location]
+        if item.offset + (item.length or 0) > status.st_size:
+            raise InputError(
+                f"{path}: tensor {item.tensor.name!r}: external data range {item.offset}+"
+                f"{item.length or 0} is beyond {item.location!r} ({status.st_size} bytes); "
+                "the data file does not belong to this model or was cut short"
+            )
+    return files
+
+
+def _external_file(candidate: Path, folder: Path, path: Path) -> os.stat_result:
+    where = f"{path}: external data file {candidate.name!r}"
+    try:
+        status = candidate.lstat()
+        resolved = candidate.resolve(strict=True)
+    except FileNotFoundError:
+        raise InputError(f"{where} is missing; copy it beside the model") from None
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise InputError(f"{where} cannot be read ({error})") from None
+    if stat.S_ISLNK(status.st_mode) or not resolved.is_relative_to(folder):
+        raise InputError(
+            f"{where} is a link or lies outside the model's folder; "
+            "replace it with a plain copy of the data beside the model"
+        )
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(f"{where} is not a regular file")
     if status.st_nlink > 1:
         raise InputError(
-            f"tensor {tensor.name!r}: external data file {candidate} is a hard link; "
-            "copy it to a plain file"
+            f"{where} is a hard link (its data may live elsewhere); replace it with a plain copy"
         )
-    try:
-        offset = int(entries.get("offset", 0))
-        length = int(entries.get("length", status.st_size - offset))
-    except ValueError:
-        raise InputError(
-            f"tensor {tensor.name!r}: external data offset/length not integers"
-        ) from None
-    if offset < 0 or length < 0 or offset + length > status.st_size:
-        raise InputError(
-            f"tensor {tensor.name!r}: external data range {offset}+{length} is beyond "
-            f"{candidate} ({status.st_size} bytes)"
-        )
+    return status
+
+
+def _range_length(item: _ExternalRange, status: os.stat_result) -> int:
+    return status.st_size - item.offset if item.length is None else item.length
+
+
+def _read_external_data(
+    ranges: list[_ExternalRange], files: dict[str, os.stat_result], path: Path
+) -> None:
+    """Read each checked range into its tensor, opening each file without following links
+    and refusing it if it is no longer the file that was checked."""
+    by_location: dict[str, list[_ExternalRange]] = defaultdict(list)
+    for item in ranges:
+        by_location[item.location].append(item)
+    for location, items in by_location.items():
+        checked = files[location]
+        try:
+            handle = os.open(path.parent / location, OPEN_FLAGS)
+        except OSError as error:
+            raise InputError(f"{path}: cannot open external data {location!r} ({error})") from None
+        with os.fdopen(handle, "rb") as stream:
+            opened = os.fstat(stream.fileno())
+            if (opened.st_dev, opened.st_ino, opened.st_size) != (
+                checked.st_dev,
+                checked.st_ino,
+                checked.st_size,
+            ):
+                raise InputError(f"{path}: external data {location!r} changed while being read")
+            for item in items:
+                stream.seek(item.offset)
+                length = _range_length(item, checked)
+                item.tensor.raw_data = stream.read(length)
+                if len(item.tensor.raw_data) != length:
+                    raise InputError(f"{path}: external data {location!r} was cut short")
+                item.tensor.data_location = onnx.TensorProto.DEFAULT
+                del item.tensor.external_data[:]
 
 
 def needs_external_data(model: onnx.ModelProto, loaded_with_external: bool) -> bool:
@@ -173,14 +330,26 @@ def save_model_atomically(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write a small text file through a temporary file beside it and a rename."""
+    write_bytes_atomically(path, lambda stream: stream.write(text.encode()))
+
+
+def write_bytes_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write` on a temporary file beside `path`, then rename it into place."""
     if not path.parent.is_dir():
         raise InputError(f"{path.parent}: folder does not exist")
     handle, temporary = tempfile.mkstemp(prefix=".onnx-forget-", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.chmod(temporary, PLAIN_FILE_MODE & ~_umask())  # mkstemp makes it owner-only
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

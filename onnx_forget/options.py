@@ -16,6 +16,14 @@ DEFAULT_RETAIN_PER_CLASS = 100
 DEFAULT_FORGET_SAMPLES = 500
 DEFAULT_MAX_PATCHES = 10_000
 DEFAULT_BATCH_SIZE = 64
+# Largest model, file and external data together, read without --max-model-bytes. A run
+# holds the weights about three times over (loaded, rewritten, serialised for onnxruntime),
+# so 4 GiB already needs 12 GiB or more of memory; it still covers ViT-H-size classifiers
+# (2.5 GB in float32). Past it a model is refused before it is read.
+DEFAULT_MAX_MODEL_BYTES = 4 * 2**30
+# Largest sample file (a .npz counted by its arrays' uncompressed size), refused before it
+# is read: a .npz is loaded whole, and 2 GiB is ~3,400 ImageNet-size float32 inputs.
+DEFAULT_MAX_SAMPLE_BYTES = 2 * 2**30
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUTS = ("nchw", "nhwc")
 
@@ -52,12 +60,20 @@ class ForgetOptions:
     class_names: tuple[str, ...] | None = None
     preprocessing: Preprocessing = Preprocessing()
     progress: bool = False
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
 
     def __post_init__(self):
         for name in ("alpha_r", "alpha_f"):
             if not getattr(self, name) > 0:
                 raise InputError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("retain_per_class", "forget_samples", "batch_size"):
+        for name in (
+            "retain_per_class",
+            "forget_samples",
+            "batch_size",
+            "max_model_bytes",
+            "max_sample_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_patches < 0:

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import math
 import os
+import struct
+import warnings
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import InputError
-from .options import Preprocessing
+from .options import DEFAULT_MAX_SAMPLE_BYTES, Preprocessing
 from .signature import Signature
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# The only decoders Pillow may run on a sample file, one per suffix above: no other
+# plugin (EPS through Ghostscript, PSD, ...) ever sees it, whatever its bytes claim.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
+# What Pillow's decoders raise on corrupt or hostile files (its own fuzzers' list).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 ARRAY_SUFFIX = ".npy"
 IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# What zipfile and zlib raise on a corrupt, encrypted or oddly compressed archive.
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error)
+# Folder names taken as class indices must fit the int64 labels with room to spare.
+MAX_CLASS_INDEX = 2**31 - 1
+SAMPLE_LIMIT_HINT = "raise --max-sample-bytes if it is meant to be this large"
 
 
 @dataclass
@@ -31,6 +47,7 @@ class SampleSet:
     shape: tuple[int | None, ...] = ()
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     image_format: ImageFormat | None = None
+    max_file_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,9 +63,10 @@ class SampleSet:
     def _load_file(self, path: Path) -> np.ndarray:
         if path.suffix.lower() == ARRAY_SUFFIX:
             try:
-                array = np.load(path, allow_pickle=False)
-            except (ValueError, OSError) as error:
-                raise InputError(f"{path}: not a readable .npy array ({error})") from None
+                with path.open("rb") as stream:
+                    array = _read_array(stream, path, self.max_file_bytes, self.shape)
+            except OSError as error:
+                raise InputError(f"{path}: cannot read the sample ({error.strerror})") from None
         elif self.image_format is None:
             raise InputError(
                 f"{path}: the model's input {_shape_text(self.shape)} is not an image of 1, 3 "
@@ -70,14 +88,26 @@ class ImageFormat:
     flat_shape: tuple[int, ...] | None = None
 
     def decode(self, path: Path) -> np.ndarray:
+        """Decode with the accepted formats only; Pillow's pixel limit is an error here,
+        not the warning it is below twice the limit."""
         try:
-            with Image.open(path) as image:
-                image = image.convert(IMAGE_MODES[self.channels])
-                if self.size is not None and image.size != self.size:
-                    image = image.resize(self.size, Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-            raise InputError(f"{path}: not a readable image ({error})") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path, formats=IMAGE_FORMATS) as image:
+                    image = image.convert(IMAGE_MODES[self.channels])
+                    if self.size is not None and image.size != self.size:
+                        image = image.resize(self.size, Image.Resampling.BILINEAR)
+                    pixels = np.asarray(image, dtype=np.float32)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise InputError(
+                f"{path}: refused as a possible decompression bomb ({error}); "
+                "resize the image towards the model's input size"
+            ) from None
+        except IMAGE_ERRORS as error:
+            raise InputError(
+                f"{path}: not a readable {', '.join(IMAGE_FORMATS)} image ({error}); "
+                "re-save or remove it"
+            ) from None
         pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], self.channels)
         values = pixels * np.float32(self.preprocessing.scale)
         if self.preprocessing.mean is not None:
@@ -93,17 +123,53 @@ class ImageFormat:
 
 def _checked(array: np.ndarray, shape: tuple[int | None, ...], path) -> np.ndarray:
     """Refuse samples whose shape, type or values the model cannot take."""
-    if array.dtype.kind not in "fiub":
-        raise InputError(f"{path}: sample has dtype {array.dtype}, expected numbers")
-    if len(array.shape) != len(shape) or any(
-        want is not None and have != want for have, want in zip(array.shape, shape)
-    ):
-        raise InputError(
-            f"{path}: sample shape {list(array.shape)}, model expects {_shape_text(shape)}"
-        )
+    _check_layout(array.dtype, array.shape, shape, path)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InputError(f"{path}: sample holds NaN or Inf values")
     return array
+
+
+def _check_layout(dtype: np.dtype, have: tuple[int, ...], shape: tuple[int | None, ...], path):
+    """Refuse a dtype that is not numbers or a shape the model's input does not have."""
+    if dtype.kind not in "fiub":
+        raise InputError(f"{path}: sample has dtype {dtype}, expected numbers")
+    if len(have) != len(shape) or any(
+        want is not None and size != want for size, want in zip(have, shape)
+    ):
+        raise InputError(f"{path}: sample shape {list(have)}, model expects {_shape_text(shape)}")
+
+
+def _read_array(
+    stream: BinaryIO, where, max_bytes: int, shape: tuple[int | None, ...] | None
+) -> np.ndarray:
+    """A `.npy` array read only once its header passed: numbers (so never pickle), of the
+    model's `shape` when given, and at most `max_bytes` of data."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            have, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            have, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    except (ValueError, TypeError, SyntaxError, EOFError) as error:
+        raise InputError(f"{where}: not a readable .npy array ({error})") from None
+    if dtype.hasobject:
+        raise InputError(
+            f"{where}: an array of Python objects, which only pickle could load (never done "
+            "here); save plain numbers"
+        )
+    if shape is not None:
+        _check_layout(dtype, have, shape, where)
+    size = math.prod(have) * dtype.itemsize
+    if size > max_bytes:
+        raise InputError(
+            f"{where}: the array holds {size} bytes, over the limit of {max_bytes}; "
+            f"{SAMPLE_LIMIT_HINT}"
+        )
+    stream.seek(0)
+    try:
+        return np.lib.format.read_array(stream, allow_pickle=False)
+    except (ValueError, EOFError) as error:
+        raise InputError(f"{where}: not a readable .npy array ({error})") from None
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:
@@ -115,8 +181,12 @@ def open_samples(
     signature: Signature,
     preprocessing: Preprocessing,
     class_names: Sequence[str] | None = None,
+    max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> SampleSet:
-    """Open a class-per-folder tree, a `.npz` with `x` and `y`, or `(x, y)` arrays."""
+    """Open a class-per-folder tree, a `.npz` with `x` and `y`, or `(x, y)` arrays.
+
+    No sample file over `max_bytes` is read (a `.npz` counts its arrays uncompressed).
+    """
     sample_shape = signature.input_shape[1:]
     if isinstance(source, tuple):
         x, y = source
@@ -124,21 +194,39 @@ def open_samples(
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    if path.is_file():
-        if path.suffix.lower() != ".npz":
-            raise InputError(f"{path}: samples must be a folder or a .npz file")
-        return _npz_set(path, sample_shape, signature)
-    return _folder_set(path, signature, preprocessing, class_names)
+    if path.is_dir():
+        return _folder_set(path, signature, preprocessing, class_names, max_bytes)
+    if not path.is_file() or path.suffix.lower() != ".npz":
+        raise InputError(f"{path}: samples must be a folder or a .npz file")
+    _check_size(path, max_bytes)
+    return _npz_set(path, sample_shape, signature, max_bytes)
 
 
-def _npz_set(path: Path, sample_shape, signature: Signature) -> SampleSet:
+def _check_size(path: Path, max_bytes: int) -> None:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputError(
+            f"{path}: {size} bytes, over the limit of {max_bytes}; {SAMPLE_LIMIT_HINT}"
+        )
+
+
+def _npz_set(path: Path, sample_shape, signature: Signature, max_bytes: int) -> SampleSet:
+    """`x` and `y` of a `.npz` read straight from the zip, headers first: a renamed `.npy`,
+    a pickle or a compressed bomb is refused before any of its data is read."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"x", "y"} - set(archive.files)
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            missing = sorted(name for name in ("x", "y") if name + ARRAY_SUFFIX not in names)
             if missing:
-                raise InputError(f"{path}: .npz lacks array(s) {', '.join(sorted(missing))}")
-            x, y = archive["x"], archive["y"]
-    except (ValueError, OSError) as error:
+                raise InputError(
+                    f"{path}: .npz lacks array(s) {', '.join(missing)}; save it with "
+                    "np.savez(path, x=inputs, y=labels)"
+                )
+            with archive.open("x" + ARRAY_SUFFIX) as stream:
+                x = _read_array(stream, f"{path}: x", max_bytes, (None, *sample_shape))
+            with archive.open("y" + ARRAY_SUFFIX) as stream:
+                y = _read_array(stream, f"{path}: y", max_bytes - x.nbytes, None)
+    except ZIP_ERRORS as error:
         raise InputError(f"{path}: not a readable .npz ({error})") from None
     return _array_set(x, y, str(path), sample_shape, signature)
 
@@ -146,6 +234,12 @@ def _npz_set(path: Path, sample_shape, signature: Signature) -> SampleSet:
 def _array_set(x: np.ndarray, y: np.ndarray, origin: str, sample_shape, signature) -> SampleSet:
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise InputError(f"{origin}: labels y must be a 1-D integer array")
+    if len(y) and (y.min() < 0 or y.max() > MAX_CLASS_INDEX):
+        raise InputError(f"{origin}: labels y must be class indices (0 or more)")
+    if x.ndim != len(sample_shape) + 1:
+        raise InputError(
+            f"{origin}: x has shape {list(x.shape)}, expected [N, *{_shape_text(sample_shape)}]"
+        )
     if len(x) != len(y):
         raise InputError(f"{origin}: x has {len(x)} samples but y has {len(y)} labels")
     if len(x):
@@ -162,28 +256,36 @@ def _array_set(x: np.ndarray, y: np.ndarray, origin: str, sample_shape, signatur
 
 
 def _folder_set(
-    folder: Path, signature: Signature, preprocessing: Preprocessing, class_names
+    folder: Path, signature: Signature, preprocessing: Preprocessing, class_names, max_bytes: int
 ) -> SampleSet:
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """List every class folder's sample files; anything else there is skipped and counted,
+    and a sample file over `max_bytes` is refused before a run starts."""
+    entries = _entries(folder)
+    class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     if not class_dirs:
         raise InputError(f"{folder}: no class subfolders (expected e.g. {folder}/0, {folder}/1)")
     indices = _class_indices([p.name for p in class_dirs], class_names, folder)
-    files, labels, skipped = [], [], 0
+    files, labels = [], []
+    skipped = sum(1 for p in entries if not p.is_dir())
     for class_dir, label in zip(class_dirs, indices):
         found = 0
-        for path in sorted(class_dir.iterdir()):
+        for path in _entries(class_dir):
             if (
                 path.is_file()
                 and not path.name.startswith(".")
                 and path.suffix.lower() in (*IMAGE_SUFFIXES, ARRAY_SUFFIX)
             ):
+                _check_size(path, max_bytes)
                 files.append(path)
                 labels.append(label)
                 found += 1
             else:
                 skipped += 1
         if not found:
-            raise InputError(f"{class_dir}: no sample files ({', '.join(IMAGE_SUFFIXES)}, .npy)")
+            raise InputError(
+                f"{class_dir}: no sample files ({', '.join(IMAGE_SUFFIXES)}, .npy); add some "
+                "or remove the folder"
+            )
     return SampleSet(
         labels=np.asarray(labels, dtype=np.int64),
         origin=str(folder),
@@ -192,7 +294,15 @@ def _folder_set(
         shape=signature.input_shape[1:],
         dtype=signature.input_dtype,
         image_format=image_format(signature, preprocessing),
+        max_file_bytes=max_bytes,
     )
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise InputError(f"{folder}: cannot list the folder ({error.strerror})") from None
 
 
 def _class_indices(names: list[str], class_names, folder: Path) -> list[int]:
@@ -204,6 +314,9 @@ def _class_indices(names: list[str], class_names, folder: Path) -> list[int]:
             raise InputError(f"{folder}: folder(s) {', '.join(unknown)} not in --class-names")
         return [position[n] for n in names]
     if all(n.isascii() and n.isdigit() for n in names):
+        beyond = [n for n in names if int(n) > MAX_CLASS_INDEX]
+        if beyond:
+            raise InputError(f"{folder}: folder {beyond[0]} is too large to be a class index")
         return [int(n) for n in names]
     return list(range(len(names)))
 
@@ -247,6 +360,19 @@ def _guess_layout(shape: tuple[int | None, ...]) -> str:
     return "nchw"
 
 
+def choose_from_class(labels: np.ndarray, label: int, count: int, seed: int) -> np.ndarray:
+    """Up to `count` sorted indices of class `label`, drawn by a generator of its own.
+
+    Seeding by `(seed, label)` makes a class's choice independent of the other classes,
+    so the same class and count give the same samples in every kind of run.
+    """
+    members = np.flatnonzero(labels == label)
+    if len(members) <= count:
+        return members
+    rng = np.random.default_rng([seed, int(label)])
+    return np.sort(rng.choice(members, size=count, replace=False))
+
+
 def select_samples(
     labels: np.ndarray,
     forget_classes: Sequence[int],
@@ -254,19 +380,27 @@ def select_samples(
     forget_samples: int,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded choice of retain indices (per kept class) and forget indices (their union)."""
-    rng = np.random.default_rng(seed)
-    forgotten = np.isin(labels, forget_classes)
-    retain = []
-    for label in np.unique(labels[~forgotten]):
-        members = np.flatnonzero(labels == label)
-        retain.append(_choose(rng, members, retain_per_class))
-    forget = _choose(rng, np.flatnonzero(forgotten), forget_samples)
-    retain = np.sort(np.concatenate(retain)) if retain else np.zeros(0, dtype=np.int64)
-    return retain, forget
+    """Seeded retain indices (up to `retain_per_class` per kept class) and forget indices
+    (up to `forget_samples` in all, shared evenly by the forgotten classes)."""
+    forgotten = sorted(int(c) for c in np.unique(labels) if c in set(forget_classes))
+    kept = [int(c) for c in np.unique(labels) if int(c) not in forgotten]
+    share, extra = divmod(forget_samples, max(len(forgotten), 1))
+    retain = [choose_from_class(labels, c, retain_per_class, seed) for c in kept]
+    forget = [
+        choose_from_class(labels, c, share + (i < extra), seed) for i, c in enumerate(forgotten)
+    ]
+    return _sorted_union(retain), _sorted_union(forget)
 
 
-def _choose(rng: np.random.Generator, members: np.ndarray, count: int) -> np.ndarray:
-    if len(members) <= count:
-        return members
-    return np.sort(rng.choice(members, size=count, replace=False))
+def split_validation(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of every class into fit and validation indices (`share` validation)."""
+    validation = [
+        choose_from_class(labels, c, round(share * np.count_nonzero(labels == c)), seed + 1)
+        for c in np.unique(labels)
+    ]
+    validation = _sorted_union(validation)
+    return np.setdiff1d(np.arange(len(labels)), validation), validation
+
+
+def _sorted_union(parts: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)

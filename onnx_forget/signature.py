@@ -68,6 +68,12 @@ def read_signature(model: onnx.ModelProto, scores_name: str | None = None) -> Si
     )
 
 
+def _holds_scores(output: onnx.ValueInfoProto) -> bool:
+    """A float tensor of rank 2, or of a rank the model does not declare."""
+    dims = _dims(output)
+    return output.type.tensor_type.elem_type in FLOAT_TYPES and (dims is None or len(dims) == 2)
+
+
 def _scores_output(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoProto:
     outputs = list(model.graph.output)
     if name is not None:
@@ -75,11 +81,13 @@ def _scores_output(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoPr
         if not chosen:
             available = ", ".join(o.name for o in outputs)
             raise UnsupportedModelError(f"--output {name!r} is not an output (have: {available})")
+        if not _holds_scores(chosen[0]):
+            raise UnsupportedModelError(
+                f"--output {name!r} is not float [N, classes] scores; name the scores output"
+            )
         return chosen[0]
     for output in outputs:
-        tensor_type = output.type.tensor_type
-        dims = _dims(output)
-        if tensor_type.elem_type in FLOAT_TYPES and (dims is None or len(dims) == 2):
+        if _holds_scores(output):
             return output
     raise UnsupportedModelError(
         "no output holds [N, classes] float scores; name one with --output NAME"
