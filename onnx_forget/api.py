@@ -27,9 +27,10 @@ from .evaluate import (
     membership_attack,
     true_class_confidence,
 )
-from .layers import LayerScan, scan_layers
+from .layers import Head, LayerScan, find_head, scan_layers
 from .modelio import LoadedModel, load_model, needs_external_data, save_model_atomically
-from .options import DEFAULT_MAX_MODEL_BYTES, ForgetOptions
+from .options import DEFAULT_MAX_MODEL_BYTES, METHODS, ForgetOptions
+from .repair import HeadSystem, forget_targets, write_head
 from .report import Comparison, Report, layer_rows
 from .rewrite import rewrite_model
 from .runtime import Runner, open_runner, progress_bar
@@ -44,11 +45,12 @@ from .signature import Signature, read_signature
 from .statistics import StatisticsCollector, statistic_layers
 from .statsfile import ClassStatistics, load_statistics, merge_statistics, statistic_id
 from .subspace import SpacePair
-from .taps import add_taps, tap_names
+from .taps import add_taps
 from .verify import verify_file, verify_model
 from .version import VERSION
 
 RETAIN, FORGET = "retain", "forget"
+REPAIR, PAPER = METHODS
 # ALGORITHM.md: the grid the paper searched, scored by retain_acc * (100 - forget_acc).
 ALPHA_R_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0)
 ALPHA_F_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
@@ -114,13 +116,18 @@ class _OpenModel:
         return cls(loaded, signature, scan, settings)
 
     def runner(self, model: onnx.ModelProto) -> Runner:
-        return open_runner(
-            model,
-            self.settings.device,
-            self.settings.batch_size,
-            self.signature.fixed_batch,
-            self.signature.input_name,
-        )
+        try:
+            return open_runner(
+                model,
+                self.settings.device,
+                self.settings.batch_size,
+                self.signature.fixed_batch,
+                self.signature.input_name,
+            )
+        except UnsupportedModelError as error:  # name the file the user gave
+            raise UnsupportedModelError(
+                f"{self.loaded.path or 'in-memory model'}: {error}"
+            ) from None
 
     def samples(self, source: Samples) -> SampleSet:
         return open_samples(
@@ -134,34 +141,51 @@ class _OpenModel:
     def scores(self, runner: Runner, samples: SampleSet, indices: np.ndarray) -> np.ndarray:
         return class_scores(runner, samples, indices, self.signature.scores_name)
 
-    def tapped_runner(self) -> Runner:
-        """A session on the model with every layer's input added to its outputs."""
-        tapped = add_taps(self.loaded.proto, self.scan.layers, self.signature.scores_name)
+    @property
+    def head(self) -> Head | None:
+        """The layer writing the logits, when the class count is known."""
+        count = self.signature.class_count
+        return find_head(self.loaded.proto, self.scan, count) if count else None
+
+    def tapped_runner(self, also: tuple[tuple[str, np.dtype], ...] = ()) -> Runner:
+        """A session on the model with every layer's input (and `also`) as outputs."""
+        tapped = add_taps(self.loaded.proto, self.scan.layers, self.signature.scores_name, also)
         return self.runner(tapped)
 
     def collect(
-        self, runner: Runner, sample_set: SampleSet, sets: dict[str, np.ndarray]
-    ) -> tuple[StatisticsCollector, dict[str, np.ndarray]]:
-        """One pass of the tapped model over each set: Gram matrices and the scores."""
+        self,
+        runner: Runner,
+        sample_set: SampleSet,
+        sets: dict[str, np.ndarray],
+        kept: tuple[str, ...] = (),
+    ) -> tuple[StatisticsCollector, dict[str, dict[str, np.ndarray]]]:
+        """One pass of the tapped model over each set: its Gram matrices, and per set the
+        scores and the `kept` tensors, `[n, ...]` each in set order."""
         collector = StatisticsCollector(
             self.scan.layers,
             {name: sample_set.labels[indices] for name, indices in sets.items()},
             self.settings.max_patches,
             self.settings.seed,
         )
-        outputs = [self.signature.scores_name, *tap_names(self.scan.layers)]
-        scores = {}
+        outputs = [o.name for o in runner.session.get_outputs()]
+        keep = list(dict.fromkeys([self.signature.scores_name, *kept]))
+        values_by_set = {}
         total = sum(len(indices) for indices in sets.values())
         with progress_bar(total, "collecting", self.settings.progress) as bar:
             for name, indices in sets.items():
-                done, batches = 0, []
+                done, batches = 0, {tensor: [] for tensor in keep}
                 for batch, values in runner.run(sample_set.load, indices, outputs):
-                    collector.add(name, dict(zip(outputs, values)), done)
-                    batches.append(values[0].astype(np.float64))
+                    named = dict(zip(outputs, values))
+                    collector.add(name, named, done)
+                    for tensor in keep:
+                        batches[tensor].append(named[tensor].astype(np.float64))
                     done += len(batch)
                     bar.update(len(batch))
-                scores[name] = np.concatenate(batches) if batches else np.zeros((0, 0))
-        return collector, scores
+                values_by_set[name] = {
+                    tensor: np.concatenate(parts) if parts else np.zeros((0, 0))
+                    for tensor, parts in batches.items()
+                }
+        return collector, values_by_set
 
 
 def _classes(forget_classes: int | Iterable[int]) -> list[int]:
@@ -262,9 +286,7 @@ def tune(
         labels = validation.labels[validation_indices]
         for alpha_r in alpha_r_grid:
             for alpha_f in alpha_f_grid:
-                candidate, _ = rewrite_model(
-                    opened.loaded.proto, opened.scan.layers, run.projections(alpha_r, alpha_f), {}
-                )
+                candidate, _ = run.build(opened, alpha_r, alpha_f, used)
                 scores = opened.scores(opened.runner(candidate), validation, validation_indices)
                 accuracy = Accuracy.of(labels, np.argmax(scores, axis=1), classes)
                 grid.append(
@@ -429,11 +451,16 @@ class _Run:
 
     def spaces_from_samples(self, opened, sample_set, retain, forget_indices) -> dict:
         """Run the tapped model once and decompose; returns what evaluation reuses."""
+        head = opened.head if self.settings.method == REPAIR else None
+        logits = ((head.logits, head.layer.weight_dtype),) if head else ()
         with self.timer("taps"):
-            runner = opened.tapped_runner()
+            runner = opened.tapped_runner(logits)
         with self.timer("collect"):
-            collector, scores = opened.collect(
-                runner, sample_set, {RETAIN: retain, FORGET: forget_indices}
+            collector, kept = opened.collect(
+                runner,
+                sample_set,
+                {RETAIN: retain, FORGET: forget_indices},
+                tuple(name for name, _ in logits),
             )
         with self.timer("decompose"):
             self.spaces = {
@@ -447,11 +474,51 @@ class _Run:
             "forget": len(forget_indices),
             "skipped_files": sample_set.skipped_files,
         }
+
+        def both(tensor):
+            return np.concatenate([kept[RETAIN][tensor], kept[FORGET][tensor]])
+
         return {
             "samples": sample_set,
             "indices": np.concatenate([retain, forget_indices]),
-            "scores": np.concatenate([scores[RETAIN], scores[FORGET]]),
+            "scores": both(opened.signature.scores_name),
+            "head_logits": both(head.logits) if head else None,
         }
+
+    def method(self, used) -> str:
+        """The method applied: the head repair needs samples and a head to refit."""
+        if used is not None and used["head_logits"] is not None:
+            return REPAIR
+        return PAPER
+
+    def build(self, opened, alpha_r, alpha_f, used) -> tuple[onnx.ModelProto, list[str]]:
+        """The projected model, its head repaired when the method and samples allow."""
+        metadata = _metadata(opened.loaded, self.classes, alpha_r, alpha_f, self.sample_counts)
+        projections = self.projections(alpha_r, alpha_f)
+        model, copies = rewrite_model(
+            opened.loaded.proto, opened.scan.layers, projections, metadata
+        )
+        if self.method(used) == REPAIR:
+            model = self._repair_head(opened, model, used)
+        return model, copies
+
+    def _repair_head(self, opened, model: onnx.ModelProto, used: dict) -> onnx.ModelProto:
+        """Refit the projected model's head on the samples used (repair.py)."""
+        count = opened.signature.class_count
+        head = find_head(model, scan_layers(model), count)
+        runner = opened.runner(add_taps(model, (head.layer,), opened.signature.scores_name))
+        labels = used["samples"].labels[used["indices"]]
+        targets = used["head_logits"].reshape(len(labels), count)
+        forgotten = np.isin(labels, self.classes)
+        targets[forgotten] = forget_targets(targets[forgotten], self.classes)
+        system = HeadSystem(head.layer.d, count, head.bias is not None)
+        done = 0
+        for batch, (features,) in runner.run(
+            used["samples"].load, used["indices"], [head.layer.input]
+        ):
+            system.add(features.reshape(-1, head.layer.d), targets[done : done + len(batch)])
+            done += len(batch)
+        return write_head(model, head, *system.solve())
 
     def spaces_from_statistics(self, opened, stats) -> None:
         with self.timer("samples"):
@@ -474,13 +541,7 @@ class _Run:
     def finish(self, opened, alpha_r, alpha_f, destination, used, eval_samples):
         """Project, rewrite, write and verify, evaluate, report."""
         with self.timer("rewrite"):
-            metadata = _metadata(opened.loaded, self.classes, alpha_r, alpha_f, self.sample_counts)
-            new_model, copies = rewrite_model(
-                opened.loaded.proto,
-                opened.scan.layers,
-                self.projections(alpha_r, alpha_f),
-                metadata,
-            )
+            new_model, copies = self.build(opened, alpha_r, alpha_f, used)
         with self.timer("save"):
             if destination is None:
                 verify_model(new_model, opened.loaded.proto)
@@ -494,7 +555,7 @@ class _Run:
         with self.timer("evaluate"):
             comparisons, extras = self._compare(opened, new_model, used, eval_samples)
         options = _options_dict(self.settings)
-        options.update(alpha_r=float(alpha_r), alpha_f=float(alpha_f))
+        options.update(alpha_r=float(alpha_r), alpha_f=float(alpha_f), method=self.method(used))
         report = Report(
             model=str(opened.loaded.path) if opened.loaded.path else "(in memory)",
             output=str(destination) if destination else None,

@@ -24,6 +24,7 @@ from .options import (
     DEFAULT_RETAIN_PER_CLASS,
     DEVICES,
     LAYOUTS,
+    METHODS,
     Preprocessing,
 )
 from .report import format_evaluation, format_layers, format_statistics, format_tuning, layer_rows
@@ -188,6 +189,13 @@ def cli():
 @click.option("--forget-samples", type=int, default=DEFAULT_FORGET_SAMPLES, show_default=True)
 @click.option("--alpha-r", type=float, default=DEFAULT_ALPHA_R, show_default=True)
 @click.option("--alpha-f", type=float, default=DEFAULT_ALPHA_F, show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default=METHODS[0],
+    show_default=True,
+    help="head-repair: the paper's projection, then the head refitted; paper: ALGORITHM.md only.",
+)
 @click.option("--tune", is_flag=True, help="Search alpha_r x alpha_f on validation samples.")
 @click.option("--alpha-r-grid", callback=_float_list, help="α_r values for --tune.")
 @click.option("--alpha-f-grid", callback=_float_list, help="α_f values for --tune.")

@@ -114,6 +114,11 @@ def membership_attack(members: np.ndarray, non_members: np.ndarray, targets: np.
         residual = weight * (scipy.special.expit(logits) - y)
         return value, np.array([np.sum(residual * x / scale), np.sum(residual)])
 
-    fitted = scipy.optimize.minimize(loss, np.zeros(2), jac=True, method="L-BFGS-B")
+    # Members are at least as confident as non-members: the premise of the attack. Without
+    # that bound a noisy fit could read "less confident" as "member" and call every
+    # forgotten sample a member.
+    fitted = scipy.optimize.minimize(
+        loss, np.zeros(2), jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)]
+    )
     called = fitted.x[0] * _log_odds(targets) / scale + fitted.x[1] > 0
     return _percent(called)

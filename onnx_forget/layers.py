@@ -269,3 +269,55 @@ def _layer(index: _GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The fully connected layer that writes the class logits, and its bias if any.
+
+    `logits` is the tensor holding the layer's output with the bias added: a Gemm's
+    output, or the Add that follows a MatMul.
+    """
+
+    layer: Layer
+    logits: str
+    bias: WeightSource | None = None
+    bias_node: str | None = None
+    bias_input: int | None = None
+    bias_shared: bool = False
+
+
+def find_head(model: onnx.ModelProto, scan: LayerScan, class_count: int) -> Head | None:
+    """The last fully connected layer with `class_count` outputs, in graph order."""
+    heads = [
+        layer
+        for layer in scan.layers
+        if layer.orientation != CONV
+        and layer.weight_shape[0 if layer.orientation == OUT_IN else 1] == class_count
+    ]
+    if not heads:
+        return None
+    layer = heads[-1]
+    index = _GraphIndex(model.graph)
+    node = index.node_by_name[layer.node]
+    if node.op_type == "Gemm":
+        if len(node.input) > 2 and node.input[2]:
+            bias = index.trace_weight(node.input[2])
+            if isinstance(bias, WeightSource):
+                shared = not index.is_exclusive(bias)
+                return Head(layer, node.output[0], bias, layer.node, 2, shared)
+        return Head(layer, node.output[0])
+    readers = [
+        (name, other)
+        for name, other in zip(index.names, model.graph.node)
+        if node.output[0] in other.input
+    ]
+    if len(readers) == 1 and readers[0][1].op_type == "Add":
+        name, add = readers[0]
+        position = 1 - list(add.input).index(node.output[0])
+        bias = index.trace_weight(add.input[position])
+        tensor = index.constant_tensor(bias.tensor) if isinstance(bias, WeightSource) else None
+        if tensor is not None and int(np.prod(tensor.dims)) == class_count:
+            shared = not index.is_exclusive(bias)
+            return Head(layer, add.output[0], bias, name, position, shared)
+    return Head(layer, node.output[0])

@@ -31,6 +31,9 @@ PROTOBUF_LIMIT = 2**31 - 1
 # The keys of the ONNX external data spec; "basepath" is onnx's in-memory bookkeeping and,
 # in a file, could only move where the data is read from.
 EXTERNAL_DATA_KEYS = {"location", "offset", "length", "checksum"}
+# Element types ONNX defines; the checker lets any number through as an initializer's
+# type or a graph input's or output's.
+DATA_TYPES = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
 DIGITS = re.compile(r"[0-9]+")
 # Never follow a link when opening external data (0 where the platform has no such flag).
 OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
@@ -91,6 +94,7 @@ def load_model(
         )
     # With external data the checker must be given the path to find the (checked) files.
     _check_model(str(path) if ranges else data, path)
+    _check_types(proto, path)
     _read_external_data(ranges, files, path)
     return LoadedModel(proto, path, hashlib.sha256(data).hexdigest(), bool(ranges))
 
@@ -105,6 +109,7 @@ def _in_memory(proto: onnx.ModelProto) -> LoadedModel:
             )
     data = proto.SerializeToString()
     _check_model(data, "in-memory model")
+    _check_types(proto, "in-memory model")
     return LoadedModel(proto, None, hashlib.sha256(data).hexdigest(), False)
 
 
@@ -141,6 +146,20 @@ def _check_model(model: bytes | str, where: Path | str) -> None:
         raise UnsupportedModelError(
             f"{where}: fails the ONNX checker ({error}); fix or re-export the model"
         ) from None
+
+
+def _check_types(proto: onnx.ModelProto, where: Path | str) -> None:
+    """Refuse element types ONNX does not define, which no later step could map."""
+    typed = [(t.name, t.data_type) for t in all_tensors(proto)]
+    for value in (*proto.graph.input, *proto.graph.output):
+        if value.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED:
+            typed.append((value.name, value.type.tensor_type.elem_type))
+    for name, data_type in typed:
+        if data_type not in DATA_TYPES:
+            raise UnsupportedModelError(
+                f"{where}: tensor {name!r} has data type {data_type}, which ONNX does not "
+                "define; fix or re-export the model"
+            )
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:

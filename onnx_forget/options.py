@@ -25,6 +25,9 @@ DEFAULT_MAX_MODEL_BYTES = 4 * 2**30
 # is read: a .npz is loaded whole, and 2 GiB is ~3,400 ImageNet-size float32 inputs.
 DEFAULT_MAX_SAMPLE_BYTES = 2 * 2**30
 DEVICES = ("auto", "cpu", "cuda")
+# "paper": ALGORITHM.md exactly. "head-repair": the paper's projection, then the
+# classifier head refitted in closed form (repair.py); it needs samples, not only --stats.
+METHODS = ("head-repair", "paper")
 LAYOUTS = ("nchw", "nhwc")
 
 
@@ -60,6 +63,7 @@ class ForgetOptions:
     class_names: tuple[str, ...] | None = None
     preprocessing: Preprocessing = Preprocessing()
     progress: bool = False
+    method: str = METHODS[0]
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
 
@@ -78,6 +82,8 @@ class ForgetOptions:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_patches < 0:
             raise InputError("--max-patches must be 0 (every patch) or positive")
+        if self.method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.device not in DEVICES:
             raise InputError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
 

@@ -64,6 +64,8 @@ class Report:
             f"model      {self.model}",
             f"output     {self.output or '(not written)'}",
             f"forgotten  {', '.join(map(str, self.forgotten_classes))}",
+            f"method     {self.options['method']}, alpha_r {self.options['alpha_r']:g}, "
+            f"alpha_f {self.options['alpha_f']:g}",
             f"layers     {len(self.layers)} projected, {len(self.skipped_layers)} skipped"
             + (
                 f", {len(self.copied_weights)} shared weights copied" if self.copied_weights else ""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import CONV, IN_OUT, OUT_IN, Layer, node_names, reshape_target
+from .layers import CONV, IN_OUT, OUT_IN, Layer, WeightSource, node_names, reshape_target
+
+WEIGHT_INPUT = 1  # Conv, Gemm and MatMul all read their weight as input 1
 
 
 def project_weight(weight: np.ndarray, layer: Layer, projection: np.ndarray) -> np.ndarray:
@@ -26,8 +30,8 @@ def project_weight(weight: np.ndarray, layer: Layer, projection: np.ndarray) -> 
     raise ValueError(f"unknown orientation {layer.orientation!r}")
 
 
-class _Rewriter:
-    """Edits one copy of the model: weight values, and copies of shared weights."""
+class WeightEditor:
+    """Edits one copy of the model: constant values, and copies of shared constants."""
 
     def __init__(self, model: onnx.ModelProto):
         self.model = onnx.ModelProto()
@@ -45,32 +49,42 @@ class _Rewriter:
             return self.initializers[name]
         return next(a.t for a in self.constants[name].attribute if a.name == "value")
 
-    def update(self, layer: Layer, projection: np.ndarray) -> str | None:
-        """Project one layer's weight in place; returns the copy's name if it made one."""
-        source, chain = (
-            layer.weight.tensor,
-            [self.node_by_name[n] for n in layer.weight.chain],
-        )
+    def edit(
+        self,
+        source: WeightSource,
+        consumer: str,
+        position: int,
+        private: bool,
+        change: Callable[[np.ndarray], np.ndarray],
+    ) -> str | None:
+        """Replace a stored constant by `change` of its value as `consumer` sees it.
+
+        `change` gets and returns the value after the pass-through chain, in float64; the
+        result is carried back through the chain and stored in the constant's own dtype.
+        With `private`, the consumer's input `position` first gets its own copy; returns
+        the copy's name then.
+        """
+        stored_name, chain = source.tensor, [self.node_by_name[n] for n in source.chain]
         copy_name = None
-        if layer.shared:
-            source, chain = self._own_copy(layer, source, chain)
-            copy_name = source
-        tensor = self.stored(source)
+        if private:
+            stored_name, chain = self._own_copy(consumer, position, stored_name, chain)
+            copy_name = stored_name
+        tensor = self.stored(stored_name)
         stored = numpy_helper.to_array(tensor)
         seen, steps = stored.astype(np.float64), []
         for node in chain:
             seen, step = _forward(node, seen, self)
             steps.append(step)
-        projected = project_weight(seen, layer, projection)
+        changed = change(seen)
         for step in reversed(steps):
-            projected = _backward(step, projected)
-        tensor.CopyFrom(numpy_helper.from_array(projected.astype(stored.dtype), tensor.name))
+            changed = _backward(step, changed)
+        tensor.CopyFrom(numpy_helper.from_array(changed.astype(stored.dtype), tensor.name))
         return copy_name
 
-    def _own_copy(self, layer: Layer, source: str, chain: list[onnx.NodeProto]):
-        """Give the layer a private copy of a shared stored weight and of its chain."""
+    def _own_copy(self, consumer: str, position: int, source: str, chain: list[onnx.NodeProto]):
+        """Give one consumer a private copy of a shared stored constant and of its chain."""
         renamed = {
-            name: self._fresh_name(f"{name}.{layer.node}")
+            name: self._fresh_name(f"{name}.{consumer}")
             for name in [source] + [node.output[0] for node in chain]
         }
         new_nodes = []
@@ -86,16 +100,15 @@ class _Rewriter:
         chain_copy = [
             _clone(
                 node,
-                self._fresh_name(f"{node.name or node.op_type}.{layer.node}"),
+                self._fresh_name(f"{node.name or node.op_type}.{consumer}"),
                 renamed,
             )
             for node in chain
         ]
         new_nodes.extend(chain_copy)
-        consumer = self.node_by_name[layer.node]
-        consumer.input[1] = renamed[consumer.input[1]]
-        position = list(self.model.graph.node).index(consumer)
-        self.inserted.setdefault(position, []).extend(new_nodes)
+        reader = self.node_by_name[consumer]
+        reader.input[position] = renamed[reader.input[position]]
+        self.inserted.setdefault(list(self.model.graph.node).index(reader), []).extend(new_nodes)
         self.orphan_candidates.add(source)
         self.orphan_candidates.update(node.output[0] for node in chain)
         return renamed[source], chain_copy
@@ -127,7 +140,7 @@ class _Rewriter:
         return self.model
 
 
-def _forward(node: onnx.NodeProto, value: np.ndarray, rewriter: _Rewriter):
+def _forward(node: onnx.NodeProto, value: np.ndarray, rewriter: WeightEditor):
     """Apply one pass-through node; return the value and what undoing it needs."""
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Transpose":
@@ -181,10 +194,19 @@ def rewrite_model(
     metadata: dict[str, str],
 ) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of `model` with every layer's weight projected; also the names of copies made."""
-    rewriter = _Rewriter(model)
+    editor = WeightEditor(model)
     copies = []
     for layer in layers:
-        copy_name = rewriter.update(layer, projections[layer.statistic_key])
+        projection = projections[layer.statistic_key]
+        copy_name = editor.edit(
+            layer.weight,
+            layer.node,
+            WEIGHT_INPUT,
+            layer.shared,
+            lambda weight, layer=layer, projection=projection: project_weight(
+                weight, layer, projection
+            ),
+        )
         if copy_name:
             copies.append(copy_name)
-    return rewriter.finish(metadata), copies
+    return editor.finish(metadata), copies

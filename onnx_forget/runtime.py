@@ -134,6 +134,7 @@ def open_runner(
     payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = ORT_SILENT  # its errors become ours, on one line
     # Same inputs and seed, same model bytes: no kernel may pick its algorithm by timing.
     options.use_deterministic_compute = True
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .errors import UnsupportedModelError
 from .layers import ConvGeometry, Layer
 
 
@@ -144,7 +145,13 @@ class StatisticsCollector:
 
     def add(self, sample_set: str, tapped: dict[str, np.ndarray], first_sample: int) -> None:
         for key, per_set in self.accumulators.items():
-            per_set[sample_set].add(tapped[key[0]], first_sample)
+            values = tapped[key[0]]
+            if not np.isfinite(values).all():  # no subspace of NaN or Inf means anything
+                raise UnsupportedModelError(
+                    f"layer input {key[0]!r} holds NaN or Inf on these samples; "
+                    "check the model's weights"
+                )
+            per_set[sample_set].add(values, first_sample)
 
     def gram(self, key: tuple, sample_set: str) -> np.ndarray:
         return self.accumulators[key][sample_set].gram

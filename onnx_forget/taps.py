@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
@@ -12,9 +13,13 @@ G_LOGGER.severity = G_LOGGER.ERROR
 
 
 def add_taps(
-    model: onnx.ModelProto, layers: tuple[Layer, ...], scores_name: str
+    model: onnx.ModelProto,
+    layers: tuple[Layer, ...],
+    scores_name: str,
+    also: tuple[tuple[str, np.dtype], ...] = (),
 ) -> onnx.ModelProto:
-    """A copy of `model` whose outputs are the scores, then one tap per distinct layer input.
+    """A copy of `model` whose outputs are the scores, one tap per distinct layer input,
+    then the tensors named in `also` (name, dtype).
 
     A Conv/Gemm/MatMul input has the same element type as its weight, which gives each tap
     its dtype without shape inference.
@@ -22,11 +27,12 @@ def add_taps(
     graph = gs.import_onnx(model)
     tensors = graph.tensors()
     graph.outputs = [tensors[scores_name]]
-    for layer in layers:
-        tap = tensors[layer.input]
+    wanted = [(layer.input, layer.weight_dtype) for layer in layers] + list(also)
+    for name, dtype in wanted:
+        tap = tensors[name]
         if tap not in graph.outputs:
             if tap.dtype is None:
-                tap.dtype = layer.weight_dtype
+                tap.dtype = dtype
             graph.outputs.append(tap)
     tapped = gs.export_onnx(graph, do_type_check=False)
     tapped.ir_version = model.ir_version

@@ -128,6 +128,7 @@ def test_projected_weights_match_plain_numpy_reference():
         FORGET_CLASS,
         (x, labels),
         max_patches=0,
+        method="paper",
         alpha_r=ALPHA_R,
         alpha_f=ALPHA_F,
         retain_per_class=1000,

@@ -1,0 +1,74 @@
+"""Closed-form repair of the classifier head after the projection (ours, not the paper's).
+
+The projection removes the forgotten class's directions from every layer, and with them
+some of what the kept classes used. The repair refits only the last fully connected layer,
+by ridge least squares, from the projected model's own penultimate features to the
+original model's logits: kept-class samples keep their original logits, and forgotten
+samples get theirs with the forgotten classes' logits moved below the sample's lowest.
+No gradient, no loop: one more forward pass and one `[K + 1, K + 1]` solve.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import scipy.linalg
+
+from .layers import OUT_IN, Head
+from .rewrite import WEIGHT_INPUT, WeightEditor
+
+# Ridge strength relative to the mean feature energy (trace / K): enough to keep the solve
+# well-posed when features outnumber samples, small enough not to bias the fit.
+RIDGE = 1e-3
+# How far below a forgotten sample's lowest logit its forgotten classes' logits are put,
+# as a share of the sample's logit range.
+MARGIN = 0.1
+
+
+def forget_targets(logits: np.ndarray, forget_classes: list[int]) -> np.ndarray:
+    """Original logits `[n, C]` with the forgotten classes pushed below each row's minimum."""
+    targets = logits.astype(np.float64).copy()
+    low, high = targets.min(axis=1), targets.max(axis=1)
+    targets[:, forget_classes] = (low - MARGIN * (high - low))[:, None]
+    return targets
+
+
+class HeadSystem:
+    """The ridge normal equations `[F 1]^T [F 1] x = [F 1]^T T`, summed batch by batch."""
+
+    def __init__(self, features: int, classes: int, with_bias: bool):
+        size = features + int(with_bias)
+        self.with_bias = with_bias
+        self.gram = np.zeros((size, size))
+        self.cross = np.zeros((size, classes))
+
+    def add(self, features: np.ndarray, targets: np.ndarray) -> None:
+        """`features` `[n, K]` of the projected model, `targets` `[n, C]`."""
+        rows = features.reshape(len(targets), -1).astype(np.float64)
+        if self.with_bias:
+            rows = np.hstack([rows, np.ones((len(rows), 1))])
+        self.gram += rows.T @ rows
+        self.cross += rows.T @ targets
+
+    def solve(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Weight `[K, C]` and bias `[C]` (None without a bias) minimising the ridge loss."""
+        features = len(self.gram) - int(self.with_bias)
+        penalty = np.zeros(len(self.gram))
+        penalty[:features] = RIDGE * max(np.trace(self.gram[:features, :features]), 1e-30)
+        penalty[:features] /= features
+        solution = scipy.linalg.solve(self.gram + np.diag(penalty), self.cross, assume_a="pos")
+        return solution[:features], (solution[features] if self.with_bias else None)
+
+
+def write_head(
+    model: onnx.ModelProto, head: Head, weight: np.ndarray, bias: np.ndarray | None
+) -> onnx.ModelProto:
+    """A copy of `model` whose head has `weight` `[K, C]` (and `bias` `[C]`)."""
+    editor = WeightEditor(model)
+    oriented = weight.T if head.layer.orientation == OUT_IN else weight
+    editor.edit(head.layer.weight, head.layer.node, WEIGHT_INPUT, head.layer.shared,
+                lambda _: oriented)  # fmt: skip
+    if bias is not None:
+        editor.edit(head.bias, head.bias_node, head.bias_input, head.bias_shared,
+                    lambda seen: bias.reshape(seen.shape))  # fmt: skip
+    return editor.finish({})
