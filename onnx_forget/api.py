@@ -28,7 +28,13 @@ from .evaluate import (
     true_class_confidence,
 )
 from .layers import Head, LayerScan, find_head, scan_layers
-from .modelio import LoadedModel, load_model, needs_external_data, save_model_atomically
+from .modelio import (
+    LoadedModel,
+    check_new_output,
+    load_model,
+    needs_external_data,
+    save_model_atomically,
+)
 from .options import DEFAULT_MAX_MODEL_BYTES, METHODS, ForgetOptions
 from .repair import HeadSystem, forget_targets, write_head
 from .report import Comparison, Report, layer_rows
@@ -539,9 +545,12 @@ class _Run:
         }
 
     def finish(self, opened, alpha_r, alpha_f, destination, used, eval_samples):
-        """Project, rewrite, write and verify, evaluate, report."""
+        """Project, rewrite, evaluate, write and verify, report. Evaluating first means a
+        bad --eval-samples file or a Ctrl-C while evaluating leaves no output behind."""
         with self.timer("rewrite"):
             new_model, copies = self.build(opened, alpha_r, alpha_f, used)
+        with self.timer("evaluate"):
+            comparisons, extras = self._compare(opened, new_model, used, eval_samples)
         with self.timer("save"):
             if destination is None:
                 verify_model(new_model, opened.loaded.proto)
@@ -552,8 +561,6 @@ class _Run:
                     needs_external_data(new_model, opened.loaded.has_external_data),
                     lambda staged: verify_file(staged, opened.loaded.proto),
                 )
-        with self.timer("evaluate"):
-            comparisons, extras = self._compare(opened, new_model, used, eval_samples)
         options = _options_dict(self.settings)
         options.update(alpha_r=float(alpha_r), alpha_f=float(alpha_f), method=self.method(used))
         report = Report(
@@ -674,12 +681,7 @@ def _destination(model_path: Path | None, output, classes: list[int], force: boo
     output = Path(output)
     if model_path is not None and output.resolve() == model_path.resolve():
         raise InputError(f"{output}: refusing to overwrite the input model")
-    if output.is_dir():
-        raise InputError(f"{output}: is a folder, not a file name")
-    if output.exists() and not force:
-        raise InputError(f"{output}: already exists (use --force to replace it)")
-    if not output.parent.is_dir():
-        raise InputError(f"{output.parent}: output folder does not exist")
+    check_new_output(output, force)
     return output
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import click
 
 from . import api
 from .errors import ForgetError, InputError
-from .modelio import write_text_atomically
+from .modelio import check_new_output, write_text_atomically
 from .options import (
     DEFAULT_ALPHA_F,
     DEFAULT_ALPHA_R,
@@ -241,7 +242,7 @@ def collect_command(
 ):
     """Run MODEL once over samples and save per-class statistics for later forgetting."""
     _check_report_path(report_path)
-    _check_new_file(out, force)
+    check_new_output(out, force)
     statistics = api.collect(
         model, samples, classes=classes, per_class=per_class, **_running_options(options)
     )
@@ -258,7 +259,7 @@ def collect_command(
 def merge_command(parts, out, force, report_path, quiet, debug):
     """Add statistics files collected on shards of the samples of one model."""
     _check_report_path(report_path)
-    _check_new_file(out, force)
+    check_new_output(out, force)
     if any(out.resolve() == p.resolve() for p in parts):
         raise InputError(f"{out}: refusing to overwrite one of the inputs")
     statistics = api.merge(parts)
@@ -308,19 +309,12 @@ def layers_command(model, as_json, max_model_bytes, debug):
     click.echo(json.dumps(layer_rows(scan), indent=2) if as_json else format_layers(scan))
 
 
-def _check_new_file(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file name")
-    if path.exists() and not force:
-        raise InputError(f"{path}: already exists (use --force to replace it)")
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: output folder does not exist")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; errors become one line on stderr and a documented exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not debug:  # a library's warnings on stderr would break the one-line contract
+        warnings.simplefilter("ignore")
     try:
         cli.main(argv, prog_name=PROGRAM, standalone_mode=False)
     except click.exceptions.Exit as done:

@@ -298,6 +298,16 @@ def _read_external_data(
                 del item.tensor.external_data[:]
 
 
+def check_new_output(path: Path, force: bool) -> None:
+    """Refuse, before any work, an output path that cannot or should not be written."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a file name")
+    if path.exists() and not force:
+        raise InputError(f"{path}: already exists (use --force to replace it)")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: output folder does not exist")
+
+
 def needs_external_data(model: onnx.ModelProto, loaded_with_external: bool) -> bool:
     """Keep weights in a side file when the source had one or protobuf cannot hold them."""
     return loaded_with_external or model.ByteSize() > PROTOBUF_LIMIT

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import scipy.linalg
 
+from .errors import UnsupportedModelError
 from .layers import OUT_IN, Head
 from .rewrite import WEIGHT_INPUT, WeightEditor
 
@@ -52,6 +53,11 @@ class HeadSystem:
 
     def solve(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Weight `[K, C]` and bias `[C]` (None without a bias) minimising the ridge loss."""
+        if not (np.isfinite(self.gram).all() and np.isfinite(self.cross).all()):
+            raise UnsupportedModelError(
+                "the classifier head's inputs or logits hold NaN or Inf on these samples; "
+                "check the model's weights"
+            )
         features = len(self.gram) - int(self.with_bias)
         penalty = np.zeros(len(self.gram))
         penalty[:features] = RIDGE * max(np.trace(self.gram[:features, :features]), 1e-30)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -18,8 +17,6 @@ HELD_OUT = FIXTURES / "mnist_heldout.npz"
 # Enough samples for a run that works, few enough for ~2 s on 2 cores (accuracy aside).
 FAST = ("--retain-per-class", "20", "--forget-samples", "20")
 CLI_TIMEOUT_S = 120
-# One BLAS thread per run: OpenBLAS threads spin against anything else on a 2-core box,
-# which made one 3 s run take 30 s while another process was busy (decompose phase).
 
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
@@ -30,7 +27,6 @@ def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,
-        env=os.environ,
         check=False,
     )
 
