@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,16 +158,18 @@ def export_model(name: str, path: Path) -> None:
     torch.manual_seed(SEED)
     model = {"resnet18": resnet18, "vit_b16": VisionTransformer}[name]().eval()
     staging = path.with_suffix(".partial")  # the cache never holds a half-written model
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE),),
-        str(staging),
-        dynamo=False,
-        opset_version=OPSET,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter is asked for on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE),),
+            str(staging),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
     proto = onnx.load(str(staging))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
@@ -332,6 +335,18 @@ def importance(rows: np.ndarray, alpha: float) -> np.ndarray:
     return (u * scaled) @ u.T
 
 
+class Laps:
+    """Seconds of consecutive phases, each ending when it is named."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase], self._last = now - self._last, now
+
+
 def run_baseline(model_file: Path, x, y, args) -> list[dict]:
     """(c): the paper's method as a user would write it, one SVD per layer input and set."""
     runs = []
@@ -370,18 +385,6 @@ def run_baseline(model_file: Path, x, y, args) -> list[dict]:
     return runs
 
 
-class Laps:
-    """Seconds of consecutive phases, each ending when it is named."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def __call__(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase], self._last = now - self._last, now
-
-
 VARIANTS = {"plain": run_plain, "forget": run_forget, "baseline": run_baseline}
 
 
@@ -390,12 +393,13 @@ def run_child(args) -> None:
     cache = Path(args.cache).expanduser()
     with np.load(samples_path(cache, args.retain, args.classes, args.forget)) as data:
         x, y = data["x"], data["y"]
-    runs = VARIANTS[args.child](cache / f"{args.models}.onnx", x, y, args)
+    runs = VARIANTS[args.child](model_path(cache, args.models), x, y, args)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"runs": runs, "peak_mib": peak_kib / 1024}))
 
 
 def spawn(variant: str, name: str, args) -> dict:
+    """Run one variant of one model in a fresh process of this script; its JSON."""
     command = [sys.executable, __file__, "--child", variant, "--models", name]
     for option in ("cache", "retain", "classes", "forget", "batch_size", "device"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
