@@ -39,8 +39,3 @@ def add_taps(
     del tapped.opset_import[:]
     tapped.opset_import.extend(model.opset_import)
     return tapped
-
-
-def tap_names(layers: tuple[Layer, ...]) -> list[str]:
-    """The distinct tensors tapped, in the order of the tapped model's outputs."""
-    return list(dict.fromkeys(layer.input for layer in layers))
