@@ -50,7 +50,7 @@ from .samples import (
 from .signature import Signature, read_signature
 from .statistics import StatisticsCollector, statistic_layers
 from .statsfile import ClassStatistics, load_statistics, merge_statistics, statistic_id
-from .subspace import SpacePair
+from .subspace import Projections, SpacePair
 from .taps import add_taps
 from .verify import verify_file, verify_model
 from .version import VERSION
@@ -84,16 +84,24 @@ class TuneResult:
 
 
 class _PhaseTimer:
+    """Seconds per phase; a phase timed inside another is not counted twice."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open phase, the seconds of phases inside it
 
     @contextmanager
     def __call__(self, phase: str):
         start = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            own = elapsed - self._inner.pop()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + own
+            if self._inner:
+                self._inner[-1] += elapsed
 
 
 @dataclass
@@ -266,8 +274,9 @@ def tune(
     samples, and write the best model.
 
     Validation is `eval_samples` when given, else a seeded share of each class of
-    `samples`. Samples are run once and decomposed once; each grid point only rescales,
-    rewrites the weights and runs an in-memory session on the validation samples.
+    `samples`. Samples are run once; each grid point factors the Gram matrices again (a
+    Cholesky factor each, cheap beside the run), rewrites the weights and runs an in-memory
+    session on the validation samples.
     """
     settings = ForgetOptions.from_keywords(**options)
     classes = _classes(forget_classes)
@@ -452,8 +461,9 @@ class _Run:
         self.provider: tuple[str, str | None] = ("none (statistics file)", None)
         self.sample_counts: dict = {}
 
-    def projections(self, alpha_r: float, alpha_f: float) -> dict[tuple, np.ndarray]:
-        return {key: pair.projections(alpha_r, alpha_f) for key, pair in self.spaces.items()}
+    def projections(self, alpha_r: float, alpha_f: float) -> Projections:
+        """Factored one statistic at a time while the weights are rewritten."""
+        return Projections(self.spaces, alpha_r, alpha_f, lambda: self.timer("decompose"))
 
     def spaces_from_samples(self, opened, sample_set, retain, forget_indices) -> dict:
         """Run the tapped model once and decompose; returns what evaluation reuses."""
@@ -468,11 +478,10 @@ class _Run:
                 {RETAIN: retain, FORGET: forget_indices},
                 tuple(name for name, _ in logits),
             )
-        with self.timer("decompose"):
-            self.spaces = {
-                key: SpacePair.of(collector.gram(key, RETAIN), collector.gram(key, FORGET))
-                for key in collector.accumulators
-            }
+        self.spaces = {
+            key: SpacePair(collector.gram(key, RETAIN), collector.gram(key, FORGET))
+            for key in collector.accumulators
+        }
         self.provider = (runner.provider, runner.provider_note)
         self.sample_counts = {
             "origin": sample_set.origin,
@@ -530,13 +539,12 @@ class _Run:
         with self.timer("samples"):
             statistics = stats if isinstance(stats, ClassStatistics) else load_statistics(stats)
             kept = _check_statistics(statistics, opened, self.classes, stats)
-        with self.timer("decompose"):
-            self.spaces = {
-                layer.statistic_key: SpacePair.of(
-                    statistics.summed(number, kept), statistics.summed(number, self.classes)
-                )
-                for number, layer in enumerate(statistic_layers(opened.scan.layers))
-            }
+        self.spaces = {
+            layer.statistic_key: SpacePair(
+                statistics.summed(number, kept), statistics.summed(number, self.classes)
+            )
+            for number, layer in enumerate(statistic_layers(opened.scan.layers))
+        }
         self.sample_counts = {
             "origin": str(stats) if not isinstance(stats, ClassStatistics) else "(statistics)",
             "retain": sum(statistics.samples[c] for c in kept),

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .layers import CONV, IN_OUT, OUT_IN, Layer, WeightSource, node_names, reshape_target
+from .subspace import Projection
 
 WEIGHT_INPUT = 1  # Conv, Gemm and MatMul all read their weight as input 1
 
 
-def project_weight(weight: np.ndarray, layer: Layer, projection: np.ndarray) -> np.ndarray:
+def project_weight(weight: np.ndarray, layer: Layer, projection: Projection) -> np.ndarray:
     """The layer's weight (as the layer sees it) with its input side projected.
 
-    `projection` is `[groups, d, d]`. Viewed as `W` `[out, d]` per group the update is
-    `W' = W P^T`; a weight stored `[K, N]` (`y = x B`) is `W^T`, so it becomes `B' = P B`.
+    `projection` applies `P` to `[groups, d, k]` column blocks. Viewed as `W` `[out, d]`
+    per group the update is `W' = W P^T = (P W^T)^T`; a weight stored `[K, N]`
+    (`y = x B`) is `W^T`, so it becomes `B' = P B`.
     """
     if layer.orientation == CONV:
         out = weight.shape[0]
         per_group = weight.reshape(layer.groups, out // layer.groups, layer.d)
-        return (per_group @ projection.transpose(0, 2, 1)).reshape(weight.shape)
+        return projection(per_group.transpose(0, 2, 1)).transpose(0, 2, 1).reshape(weight.shape)
     if layer.orientation == OUT_IN:
-        return weight @ projection[0].T
+        return projection(weight.T[None])[0].T
     if layer.orientation == IN_OUT:
-        return projection[0] @ weight
+        return projection(weight[None])[0]
     raise ValueError(f"unknown orientation {layer.orientation!r}")
 
 
@@ -190,23 +192,36 @@ def _drop_unread(graph: onnx.GraphProto, candidates: set[str]) -> None:
 def rewrite_model(
     model: onnx.ModelProto,
     layers: tuple[Layer, ...],
-    projections: dict[tuple, np.ndarray],
+    projections: Mapping[tuple, Projection],
     metadata: dict[str, str],
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `model` with every layer's weight projected; also the names of copies made."""
+    """A copy of `model` with every layer's weight projected; also the names of copies made.
+
+    Layers are taken one statistic at a time, so a lazily built projection is held only
+    while its own layers are rewritten.
+    """
     editor = WeightEditor(model)
-    copies = []
+    by_statistic: dict[tuple, list[Layer]] = {}
     for layer in layers:
-        projection = projections[layer.statistic_key]
+        by_statistic.setdefault(layer.statistic_key, []).append(layer)
+    copies = []
+    for key, readers in by_statistic.items():
+        copies += _project_readers(editor, readers, projections[key])
+    return editor.finish(metadata), copies
+
+
+def _project_readers(editor: WeightEditor, readers: list[Layer], projection: Projection):
+    """Project the weights of the layers reading one statistic; the names of copies made.
+    A function of its own so that `projection` is released before the next one is built."""
+    copies = []
+    for layer in readers:
         copy_name = editor.edit(
             layer.weight,
             layer.node,
             WEIGHT_INPUT,
             layer.shared,
-            lambda weight, layer=layer, projection=projection: project_weight(
-                weight, layer, projection
-            ),
+            lambda weight, layer=layer: project_weight(weight, layer, projection),
         )
         if copy_name:
             copies.append(copy_name)
-    return editor.finish(metadata), copies
+    return copies

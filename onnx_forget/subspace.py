@@ -1,71 +1,110 @@
-"""From Gram matrices to projections: the subspace algebra of ALGORITHM.md."""
+"""From Gram matrices to projections: the subspace algebra of ALGORITHM.md, without an
+eigendecomposition.
+
+ALGORITHM.md writes `M = U diag(lambda) U^T` with `U`, `S^2` the eigenvectors and
+eigenvalues of the Gram matrix `G = A A^T`, energies `s_i = S_i^2 / T` where
+`T = trace(G)`, and `lambda_i = alpha s_i / ((alpha - 1) s_i + 1)`. That is a rational
+function of `G` applied to its eigenvalues, so
+
+    M     = alpha G X^{-1},        X = (alpha - 1) G + T I,
+    I - M = (T I - G) X^{-1},
+
+where `G`, `X` and their inverses commute. `X` is symmetric positive definite for any
+`alpha > 0` (its eigenvalues lie between `min(1, alpha) T` and `max(1, alpha) T`), so a
+Cholesky factor replaces the eigendecomposition: about a thirtieth of the flops, every one
+of them in matrix-matrix BLAS, and condition number at most `max(alpha, 1/alpha)`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
-
-@dataclass(frozen=True)
-class Decomposition:
-    """Eigenvectors `[d, d]` and normalised energies `[d]` of one Gram matrix.
-
-    For activations `A` (`[d, N]`, one input vector a column) with SVD `A = U S V^T`,
-    the Gram matrix `G = A A^T = U S^2 U^T`: its eigenvectors are `U` and its eigenvalues
-    `S^2`, so the energies `s_i = S_i^2 / sum_j S_j^2` need only `G`, never `A`.
-    """
-
-    vectors: np.ndarray
-    energies: np.ndarray
+# Applies `P` to column blocks: `[groups, d, k]` -> `[groups, d, k]`.
+Projection = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
 class SpacePair:
-    """Retain and forget decompositions of one statistic, one pair per group."""
+    """Retain and forget Gram matrices `[groups, d, d]` of one statistic (float64)."""
 
-    retain: tuple[Decomposition, ...]
-    forget: tuple[Decomposition, ...]
+    retain: np.ndarray
+    forget: np.ndarray
 
-    @classmethod
-    def of(cls, retain_grams: np.ndarray, forget_grams: np.ndarray) -> SpacePair:
-        """Decompose `[groups, d, d]` retain and forget Gram matrices."""
-        return cls(
-            tuple(decompose(g) for g in retain_grams), tuple(decompose(g) for g in forget_grams)
-        )
+    def projection(self, alpha_r: float, alpha_f: float) -> Projection:
+        """`P = I - M_f (I - M_r)` per group, as factors: forming `P` is never needed."""
+        factors = [
+            (_Importance(retain, alpha_r), _Importance(forget, alpha_f))
+            for retain, forget in zip(self.retain, self.forget)
+        ]
 
-    def projections(self, alpha_r: float, alpha_f: float) -> np.ndarray:
-        """One `P` per group, `[groups, d, d]`; only this step depends on the alphas."""
-        return np.stack(
-            [projection(r, f, alpha_r, alpha_f) for r, f in zip(self.retain, self.forget)]
-        )
+        def apply(columns: np.ndarray) -> np.ndarray:
+            return np.stack(
+                [
+                    block - m_forget.times(m_retain.complement_times(block))
+                    for (m_retain, m_forget), block in zip(factors, columns)
+                ]
+            )
 
-
-def decompose(gram: np.ndarray) -> Decomposition:
-    """Eigen-decomposition of a symmetric `[d, d]` Gram matrix in float64."""
-    eigenvalues, eigenvectors = scipy.linalg.eigh(gram)
-    eigenvalues = np.clip(eigenvalues, 0.0, None)  # rounding can leave tiny negatives
-    total = eigenvalues.sum()
-    energies = eigenvalues / total if total > 0 else np.zeros_like(eigenvalues)
-    return Decomposition(eigenvectors, energies)
+        return apply
 
 
-def scaled_importances(energies: np.ndarray, alpha: float) -> np.ndarray:
-    """`lambda_i = alpha s_i / ((alpha - 1) s_i + 1)`: alpha = 1 keeps `s_i`."""
-    return alpha * energies / ((alpha - 1.0) * energies + 1.0)
+class _Importance:
+    """`M = alpha G X^{-1}` of one Gram matrix, kept as `G`, `T` and the factor of `X`."""
+
+    def __init__(self, gram: np.ndarray, alpha: float):
+        self.gram, self.alpha = gram, alpha
+        self.trace = float(np.trace(gram))
+        self.factor = None  # all-zero inputs: no energy, so M = 0
+        if self.trace > 0:
+            shifted = (alpha - 1.0) * gram
+            shifted.flat[:: len(gram) + 1] += self.trace
+            # Symmetric, so its transpose is the same matrix in the Fortran order LAPACK
+            # factors in place; the C-ordered array itself would be copied first.
+            self.factor = scipy.linalg.cho_factor(shifted.T, overwrite_a=True, check_finite=False)
+
+    def times(self, block: np.ndarray) -> np.ndarray:
+        """`M @ block`."""
+        if self.factor is None:
+            return np.zeros_like(block)
+        return self.alpha * self._solve(self.gram @ block)
+
+    def complement_times(self, block: np.ndarray) -> np.ndarray:
+        """`(I - M) @ block`."""
+        if self.factor is None:
+            return block
+        return self._solve(self.trace * block - self.gram @ block)
+
+    def _solve(self, block: np.ndarray) -> np.ndarray:
+        return scipy.linalg.cho_solve(self.factor, block, check_finite=False)
 
 
-def importance_matrix(decomposition: Decomposition, alpha: float) -> np.ndarray:
-    """`M = U diag(lambda) U^T`, `[d, d]`."""
-    vectors = decomposition.vectors
-    return (vectors * scaled_importances(decomposition.energies, alpha)) @ vectors.T
+class Projections(Mapping):
+    """Each statistic's projection at one (alpha_r, alpha_f), factored when asked for.
 
+    Nothing is cached: a caller that takes one statistic at a time holds one statistic's
+    factors at a time, so memory stays at the Gram matrices themselves.
+    """
 
-def projection(
-    retain: Decomposition, forget: Decomposition, alpha_r: float, alpha_f: float
-) -> np.ndarray:
-    """`P = I - (M_f - M_f M_r)`, `[d, d]`: remove the forget space the retain space lacks."""
-    m_retain = importance_matrix(retain, alpha_r)
-    m_forget = importance_matrix(forget, alpha_f)
-    return np.eye(len(m_forget)) - (m_forget - m_forget @ m_retain)
+    def __init__(
+        self,
+        spaces: Mapping[tuple, SpacePair],
+        alpha_r: float,
+        alpha_f: float,
+        timing: Callable[[], AbstractContextManager] = nullcontext,
+    ):
+        self.spaces, self.alpha_r, self.alpha_f, self.timing = spaces, alpha_r, alpha_f, timing
+
+    def __getitem__(self, key: tuple) -> Projection:
+        with self.timing():
+            return self.spaces[key].projection(self.alpha_r, self.alpha_f)
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self.spaces)
+
+    def __len__(self) -> int:
+        return len(self.spaces)

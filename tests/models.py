@@ -71,3 +71,9 @@ def mixed_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", MIXED_CLASSES])],
         initializers,
     )
+
+
+def by_matrix(matrices: dict[tuple, np.ndarray]) -> dict:
+    """Projections given as explicit `[groups, d, d]` matrices `P`, as rewrite_model takes
+    them: each applies `P` to `[groups, d, k]` column blocks."""
+    return {key: (lambda columns, p=p: p @ columns) for key, p in matrices.items()}

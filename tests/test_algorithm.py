@@ -153,7 +153,7 @@ def test_identity_projection_leaves_every_weight_bit_identical():
     identity = {
         layer.statistic_key: np.stack([np.eye(layer.d)] * layer.groups) for layer in scan.layers
     }
-    rewritten, copies = rewrite_model(model, scan.layers, identity, {})
+    rewritten, copies = rewrite_model(model, scan.layers, models.by_matrix(identity), {})
     assert copies == []
     assert [t.SerializeToString() for t in rewritten.graph.initializer] == [
         t.SerializeToString() for t in model.graph.initializer

@@ -63,12 +63,18 @@ def test_defaults_forget_fully_and_keep_the_other_classes(forgotten):
     assert held_out.after.retain >= held_out.before.retain - 1.5
 
 
+# Runs batched differently agree to float32 rounding, amplified tenfold by the head refit.
+BATCHING_TOLERANCE = 2e-6
+
+
 def test_result_does_not_depend_on_batch_size():
-    """Batches only split the sums: the Gram matrices, hence the weights, are the same."""
+    """Batches only split the sums. Each batch's products are float32 (summed in float64),
+    so projected weights agree to float32 rounding; the refitted head, solved from features
+    of those weights, amplifies that about tenfold."""
     model = onnx.load(CNN)
     a = onnx_forget.forget(model, 5, SAMPLES, batch_size=7, **SMALL).model
     b = onnx_forget.forget(model, 5, SAMPLES, batch_size=64, **SMALL).model
-    assert _max_relative(_weights(a), _weights(b)) < 1e-9
+    assert _max_relative(_weights(a), _weights(b)) < BATCHING_TOLERANCE
 
 
 def test_fixed_batch_model_runs_at_its_batch_size_with_the_same_result():
@@ -81,7 +87,7 @@ def test_fixed_batch_model_runs_at_its_batch_size_with_the_same_result():
     options = {"retain_per_class": 10, "forget_samples": 12, "batch_size": 64}
     a = onnx_forget.forget(dynamic, 2, SAMPLES, **options).model
     b = onnx_forget.forget(fixed, 2, SAMPLES, **options).model
-    assert _max_relative(_weights(b), _weights(a)) < 1e-6
+    assert _max_relative(_weights(b), _weights(a)) < BATCHING_TOLERANCE
     assert b.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 8
 
 

@@ -30,6 +30,7 @@ from onnx_forget.samples import open_samples
 from onnx_forget.signature import Signature
 from onnx_forget.statistics import conv_windows
 from tests import models
+from tests.models import by_matrix
 
 # Reproducible in CI and quick on two cores: a fixed, small set of examples per property.
 BOUNDED = settings(
@@ -161,7 +162,7 @@ def test_projected_conv_through_patches_equals_onnxruntime(case):
     model = _conv_model(case, rng.normal(size=weight_shape).astype(np.float32))
     (layer,) = scan_layers(model).layers
     projection = rng.normal(size=(groups, layer.d, layer.d))
-    rewritten, _ = rewrite_model(model, (layer,), {layer.statistic_key: projection}, {})
+    rewritten, _ = rewrite_model(model, (layer,), by_matrix({layer.statistic_key: projection}), {})
     projected = numpy_helper.to_array(rewritten.graph.initializer[0]).astype(np.float64)
     x = rng.normal(size=(case["batch"], groups * case["in_per_group"], *case["sizes"]))
     x = x.astype(np.float32).astype(np.float64)
@@ -249,7 +250,9 @@ def test_identity_projection_changes_no_bit_of_any_weight(case):
     model, _ = _layer_model(case)
     (layer,) = scan_layers(model).layers
     identity = np.stack([np.eye(layer.d)] * layer.groups)
-    rewritten, copies = rewrite_model(model, (layer,), {layer.statistic_key: identity}, {})
+    rewritten, copies = rewrite_model(
+        model, (layer,), by_matrix({layer.statistic_key: identity}), {}
+    )
     assert copies == []
     assert [t.SerializeToString() for t in rewritten.graph.initializer] == [
         t.SerializeToString() for t in model.graph.initializer
@@ -266,7 +269,7 @@ def test_projected_layer_equals_the_original_on_transformed_inputs(case):
     (layer,) = scan_layers(model).layers
     rng = np.random.default_rng(case["seed"] + 1)
     projection = rng.normal(size=(layer.groups, layer.d, layer.d)) / math.sqrt(layer.d)
-    rewritten, _ = rewrite_model(model, (layer,), {layer.statistic_key: projection}, {})
+    rewritten, _ = rewrite_model(model, (layer,), by_matrix({layer.statistic_key: projection}), {})
     stored = numpy_helper.to_array(rewritten.graph.initializer[0])
     assert stored.dtype == np.dtype(STORED_TYPES[case["stored"]])
 

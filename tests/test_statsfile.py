@@ -47,7 +47,8 @@ def test_statistics_round_trip_through_a_file(tmp_path, digits):
 
 
 def test_merge_of_two_shards_equals_one_collection_over_both(tmp_path, digits):
-    """With every patch, Gram matrices are plain sums over samples: shards add up exactly."""
+    """With every patch, Gram matrices are plain sums over samples: shards add up, to the
+    float32 rounding of each batch's products (the shards batch the samples differently)."""
     x, y = digits
     halves = [np.arange(len(y)) % 2 == parity for parity in (0, 1)]
     for name, half in zip(("a", "b"), halves):
@@ -56,12 +57,13 @@ def test_merge_of_two_shards_equals_one_collection_over_both(tmp_path, digits):
     whole = onnx_forget.collect(CNN, (x, y), max_patches=0)
     assert merged.samples == whole.samples
     for key, gram in whole.grams.items():
-        assert np.max(np.abs(merged.grams[key] - gram)) <= 1e-9 * np.max(np.abs(gram))
+        assert np.max(np.abs(merged.grams[key] - gram)) <= 1e-6 * np.max(np.abs(gram))
         assert merged.vectors[key] == whole.vectors[key]
 
 
 def test_forgetting_from_statistics_equals_forgetting_from_samples(tmp_path, digits):
-    """Same samples, same options (patch sampling included): the same weights."""
+    """Same samples, same options (patch sampling included): the same weights, to float32
+    rounding (collection batches each class apart, a forget run batches each set)."""
     onnx_forget.collect(CNN, digits).save(tmp_path / "stats.npz")
     from_stats = onnx_forget.forget(
         CNN, 3, stats=tmp_path / "stats.npz", output=tmp_path / "a.onnx"
@@ -71,7 +73,7 @@ def test_forgetting_from_statistics_equals_forgetting_from_samples(tmp_path, dig
     difference = _largest_relative_difference(
         _weights(from_stats.model), _weights(from_samples.model)
     )
-    assert difference <= 1e-9
+    assert difference <= 1e-6
     assert _largest_relative_difference(_weights(from_stats.model), _weights(onnx.load(CNN))) > 1e-3
 
 
