@@ -6,7 +6,9 @@
 For each model and method, one row: held-out retain and forget accuracy before and after
 (mean over the classes), the worst retain drop, how many classes meet the goal (forget
 <= 1 %, retain drop <= 1.5 points), the membership-inference share of the forgotten
-class's training samples before and after, and the mean time of a run.
+class's training samples before and after, and the mean time of a run. Then, for the
+classes that have one, the same membership figure for the CNN retrained from scratch
+without the class (fixtures/build.py --only cnn_without): where forgetting should land.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MODELS = {
     "mnist_cnn_batch8": ("mnist_cnn_batch8.onnx", "mnist_heldout.npz"),
     "mnist_cnn_external": ("mnist_cnn_external/model.onnx", "mnist_heldout.npz"),
 }
+REFERENCES = {c: FIXTURES / f"mnist_cnn_without_{c}.onnx" for c in (0, 3, 8)}
 FORGET_GOAL = 1.0  # issue 4: forget accuracy at most 1 % ...
 RETAIN_DROP_GOAL = 1.5  # ... and retain accuracy within 1.5 points of the original
 
@@ -55,6 +58,34 @@ def run(model: onnx.ModelProto, held_out: Path, method: str, forgotten: int) -> 
     }
 
 
+def reference_membership(forgotten: int) -> float:
+    """The membership share of class `forgotten`'s training samples for the CNN retrained
+    without it, measured like the runs' (same samples, same held-out set)."""
+    evaluation = onnx_forget.evaluate(
+        REFERENCES[forgotten],
+        FIXTURES / "mnist_heldout.npz",
+        forget_classes=[forgotten],
+        members=SAMPLES,
+    )
+    return evaluation.membership["model"]
+
+
+def print_references(cnn_membership: dict[str, dict[int, float]]) -> None:
+    """The CNN's membership share after forgetting, beside the retrained reference's."""
+    methods = list(cnn_membership)
+    built = [c for c in REFERENCES if REFERENCES[c].is_file()]
+    built = [c for c in built if all(c in cnn_membership[m] for m in methods)]
+    if not built:
+        return
+    print("\nmembership share of the forgotten class's training samples, mnist_cnn:")
+    print(f"{'class':>5} {'retrained without it':>21}" + "".join(f" {m:>12}" for m in methods))
+    for forgotten in built:
+        print(
+            f"{forgotten:>5} {reference_membership(forgotten):>21.1f}"
+            + "".join(f" {cnn_membership[m][forgotten]:>12.1f}" for m in methods)
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -72,6 +103,7 @@ def main() -> None:
         f"{'goal met':>8} {'MIA':>13} {'time':>6}"
     )
     print(header)
+    cnn_membership: dict[str, dict[int, float]] = {}
     for name in args.models.split(","):
         model_file, held_out_file = MODELS[name]
         if not (FIXTURES / model_file).is_file():
@@ -83,6 +115,8 @@ def main() -> None:
             for forgotten in classes:
                 row = run(model, FIXTURES / held_out_file, method, forgotten)
                 rows.append(row)
+                if name == "mnist_cnn":
+                    cnn_membership.setdefault(method, {})[forgotten] = row["mia_after"]
                 if args.per_class:
                     print(
                         f"  class {forgotten}: " + "  ".join(f"{k} {v:.1f}" for k, v in row.items())
@@ -102,6 +136,7 @@ def main() -> None:
                 f" {mean['seconds']:>5.1f}s",
                 flush=True,
             )
+    print_references(cnn_membership)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,23 @@ def samples_path(cache: Path, retain: int, classes: int, forget: int) -> Path:
     return path
 
 
+def samples_folder(cache: Path, classes: int, per_class: int) -> Path:
+    """Cached random preprocessed samples as a class-per-folder tree of `.npy` files,
+    `per_class` in each of classes `0..classes-1`: read lazily, batch by batch, so the
+    samples never sit in memory all at once (benchmarks/memory.py)."""
+    path = cache / f"samples-c{classes}-n{per_class}"
+    if not path.is_dir():
+        staging = cache / f"{path.name}.partial"
+        rng = np.random.default_rng(SEED)
+        for label in range(classes):
+            (staging / str(label)).mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                x = rng.standard_normal((CHANNELS, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+                np.save(staging / str(label) / f"{index:05d}.npy", x)
+        os.replace(staging, path)
+    return path
+
+
 # --------------------------------------------------------------------------- variants
 
 

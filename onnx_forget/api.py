@@ -195,6 +195,7 @@ class _OpenModel:
                         batches[tensor].append(named[tensor].astype(np.float64))
                     done += len(batch)
                     bar.update(len(batch))
+                    del values, named  # not alive while the next batch runs
                 values_by_set[name] = {
                     tensor: np.concatenate(parts) if parts else np.zeros((0, 0))
                     for tensor, parts in batches.items()
@@ -557,6 +558,7 @@ class _Run:
         bad --eval-samples file or a Ctrl-C while evaluating leaves no output behind."""
         with self.timer("rewrite"):
             new_model, copies = self.build(opened, alpha_r, alpha_f, used)
+        self.spaces = {}  # the Gram matrices are done with: evaluation needs the memory
         with self.timer("evaluate"):
             comparisons, extras = self._compare(opened, new_model, used, eval_samples)
         with self.timer("save"):

@@ -43,7 +43,7 @@ class GramAccumulator:
         # The batch's products in the activations' own precision (float32 at least), summed
         # in float64: twice as fast as float64 products, and the Gram matrix still agrees
         # with a float64 one to about 3e-7 relative, the projected weights to about 1e-9.
-        rows = rows.astype(np.result_type(rows.dtype, np.float32))
+        rows = rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
         if self.groups == 1:  # numpy computes a 2-D `A^T A` as one symmetric update
             self.gram[0] += rows[:, 0].T @ rows[:, 0]
         else:
