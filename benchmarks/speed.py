@@ -11,8 +11,9 @@ each model, three variants run over the same samples, batch size and provider:
     onnxruntime run, a plain numpy im2col sampling the authors' 10,000 patches per conv
     layer and set, `scipy.linalg.svd` per layer input, weights rewritten with numpy.
 
-Each variant runs in a fresh subprocess of this script, so its peak resident memory is its
-own; times are medians over its repeats. Only building the cache needs torch.
+Each repeat of each variant runs in a fresh subprocess of this script, so its peak
+resident memory is that one run's (the largest over repeats is printed); times are
+medians over the repeats. Only building the cache needs torch.
 
     python benchmarks/speed.py [--models resnet18,vit_b16] [--retain 64 --classes 8
         --forget 32] [--batch-size 32] [--repeats 3] [--skip-baseline] [--cache DIR]
@@ -416,13 +417,20 @@ def run_child(args) -> None:
 
 
 def spawn(variant: str, name: str, args) -> dict:
-    """Run one variant of one model in a fresh process of this script; its JSON."""
+    """Run one variant of one model, each repeat in a fresh process of this script (so a
+    repeat's peak memory is its own run's); its runs and the largest peak."""
+    repeats = args.baseline_repeats if variant == "baseline" else args.repeats
     command = [sys.executable, __file__, "--child", variant, "--models", name]
     for option in ("cache", "retain", "classes", "forget", "batch_size", "device"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-    command += ["--repeats", str(args.repeats), "--baseline-repeats", str(args.baseline_repeats)]
-    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(finished.stdout.strip().splitlines()[-1])
+    command += ["--repeats", "1", "--baseline-repeats", "1"]
+    runs, peaks = [], []
+    for _ in range(repeats):
+        finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        result = json.loads(finished.stdout.strip().splitlines()[-1])
+        runs += result["runs"]
+        peaks.append(result["peak_mib"])
+    return {"runs": runs, "peak_mib": max(peaks)}
 
 
 # --------------------------------------------------------------------------- report

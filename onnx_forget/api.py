@@ -534,7 +534,7 @@ class _Run:
         ):
             system.add(features.reshape(-1, head.layer.d), targets[done : done + len(batch)])
             done += len(batch)
-        return write_head(model, head, *system.solve())
+        return write_head(model, head, system)
 
     def spaces_from_statistics(self, opened, stats) -> None:
         with self.timer("samples"):

@@ -5,7 +5,9 @@ some of what the kept classes used. The repair refits only the last fully connec
 by ridge least squares, from the projected model's own penultimate features to the
 original model's logits: kept-class samples keep their original logits, and forgotten
 samples get theirs with the forgotten classes' logits moved below the sample's lowest.
-No gradient, no loop: one more forward pass and one `[K + 1, K + 1]` solve.
+The ridge pulls towards the projected head, not towards zero: feature directions the
+samples never reach (classes without samples, on a 1000-class model) keep the projected
+weights. No gradient, no loop: one more forward pass and one `[K + 1, K + 1]` solve.
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ class HeadSystem:
         self.gram += rows.T @ rows
         self.cross += rows.T @ targets
 
-    def solve(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Weight `[K, C]` and bias `[C]` (None without a bias) minimising the ridge loss."""
+    def solve(
+        self, prior_weight: np.ndarray, prior_bias: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Weight `[K, C]` and bias `[C]` (None without a bias) minimising
+        `|[F 1] x - T|^2 + |sqrt(penalty) (x - prior)|^2`; the bias is not penalised."""
         if not (np.isfinite(self.gram).all() and np.isfinite(self.cross).all()):
             raise UnsupportedModelError(
                 "the classifier head's inputs or logits hold NaN or Inf on these samples; "
@@ -62,15 +67,19 @@ class HeadSystem:
         penalty = np.zeros(len(self.gram))
         penalty[:features] = RIDGE * max(np.trace(self.gram[:features, :features]), 1e-30)
         penalty[:features] /= features
-        solution = scipy.linalg.solve(self.gram + np.diag(penalty), self.cross, assume_a="pos")
+        prior = prior_weight if prior_bias is None else np.vstack([prior_weight, prior_bias])
+        solution = scipy.linalg.solve(
+            self.gram + np.diag(penalty), self.cross + penalty[:, None] * prior, assume_a="pos"
+        )
         return solution[:features], (solution[features] if self.with_bias else None)
 
 
-def write_head(
-    model: onnx.ModelProto, head: Head, weight: np.ndarray, bias: np.ndarray | None
-) -> onnx.ModelProto:
-    """A copy of `model` whose head has `weight` `[K, C]` (and `bias` `[C]`)."""
+def write_head(model: onnx.ModelProto, head: Head, system: HeadSystem) -> onnx.ModelProto:
+    """A copy of `model` whose head is `system`'s solution, pulled towards its own weights."""
     editor = WeightEditor(model)
+    seen = editor.seen(head.layer.weight)
+    prior_bias = None if head.bias is None else editor.seen(head.bias).reshape(-1)
+    weight, bias = system.solve(seen.T if head.layer.orientation == OUT_IN else seen, prior_bias)
     oriented = weight.T if head.layer.orientation == OUT_IN else weight
     editor.edit(head.layer.weight, head.layer.node, WEIGHT_INPUT, head.layer.shared,
                 lambda _: oriented)  # fmt: skip

@@ -73,15 +73,25 @@ class WeightEditor:
             copy_name = stored_name
         tensor = self.stored(stored_name)
         stored = numpy_helper.to_array(tensor)
-        seen, steps = stored.astype(np.float64), []
-        for node in chain:
-            seen, step = _forward(node, seen, self)
-            steps.append(step)
+        seen, steps = self._through(stored, chain)
         changed = change(seen)
         for step in reversed(steps):
             changed = _backward(step, changed)
         tensor.CopyFrom(numpy_helper.from_array(changed.astype(stored.dtype), tensor.name))
         return copy_name
+
+    def seen(self, source: WeightSource) -> np.ndarray:
+        """A stored constant's value as its consumer sees it, in float64."""
+        stored = numpy_helper.to_array(self.stored(source.tensor))
+        return self._through(stored, [self.node_by_name[n] for n in source.chain])[0]
+
+    def _through(self, stored: np.ndarray, chain: list[onnx.NodeProto]):
+        """The value after the pass-through chain, and what undoing each step needs."""
+        seen, steps = stored.astype(np.float64), []
+        for node in chain:
+            seen, step = _forward(node, seen, self)
+            steps.append(step)
+        return seen, steps
 
     def _own_copy(self, consumer: str, position: int, source: str, chain: list[onnx.NodeProto]):
         """Give one consumer a private copy of a shared stored constant and of its chain."""
