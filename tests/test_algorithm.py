@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import scipy.linalg
 
 import onnx_forget
 from onnx_forget.layers import scan_layers
 from onnx_forget.rewrite import rewrite_model
+from onnx_forget.subspace import SpacePair
 from tests import models
 
 ALPHA_R, ALPHA_F = 100.0, 3.0
@@ -158,3 +160,32 @@ def test_identity_projection_leaves_every_weight_bit_identical():
     assert [t.SerializeToString() for t in rewritten.graph.initializer] == [
         t.SerializeToString() for t in model.graph.initializer
     ]
+
+
+def _eigen_importance(gram: np.ndarray, alpha: float) -> np.ndarray:
+    """ALGORITHM.md's `M = U diag(lambda) U^T` from an eigendecomposition of `G`."""
+    values, vectors = np.linalg.eigh(gram)
+    total = values.clip(0).sum()
+    energy = values.clip(0) / total if total > 0 else np.zeros_like(values)
+    return vectors @ np.diag(alpha * energy / ((alpha - 1) * energy + 1)) @ vectors.T
+
+
+@pytest.mark.parametrize("empty", [None, "retain", "forget"])
+def test_factored_projection_equals_the_eigendecomposition(empty):
+    """The Cholesky form of `P` equals `I - (M_f - M_f M_r)` built from eigenvectors, for
+    rank-deficient Gram matrices, several α (below 1 too) and all-zero inputs (M = 0)."""
+    rng = np.random.default_rng(3)
+    d = 12
+    activations = {
+        name: rng.normal(size=(d, rank)) for name, rank in (("retain", 7), ("forget", 3))
+    }
+    grams = {name: a @ a.T for name, a in activations.items()}
+    if empty:
+        grams[empty] = np.zeros((d, d))
+    for alpha_r, alpha_f in ((100, 3), (0.5, 10), (1, 1)):
+        m_r = _eigen_importance(grams["retain"], alpha_r)
+        m_f = _eigen_importance(grams["forget"], alpha_f)
+        expected = np.eye(d) - (m_f - m_f @ m_r)
+        pair = SpacePair(grams["retain"][None], grams["forget"][None])
+        got = pair.projection(alpha_r, alpha_f)(np.eye(d)[None])[0]
+        assert np.max(np.abs(got - expected)) <= 1e-10, (alpha_r, alpha_f)
