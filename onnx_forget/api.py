@@ -467,7 +467,7 @@ class _Run:
         return Projections(self.spaces, alpha_r, alpha_f, lambda: self.timer("decompose"))
 
     def spaces_from_samples(self, opened, sample_set, retain, forget_indices) -> dict:
-        """Run the tapped model once and decompose; returns what evaluation reuses."""
+        """Run the tapped model once over both sets; returns what evaluation reuses."""
         head = opened.head if self.settings.method == REPAIR else None
         logits = ((head.logits, head.layer.weight_dtype),) if head else ()
         with self.timer("taps"):
