@@ -130,7 +130,10 @@ def open_runner(
     """Start a session on the requested device; `auto` uses CUDA only if it really starts.
 
     Every graph optimisation is on: onnxruntime never fuses away a tensor that is a graph
-    output, so tapped tensors keep their exported values.
+    output, so tapped tensors keep their exported values. Memory patterns are off: once a
+    batch shape repeats, onnxruntime would allocate the whole recorded plan as one block,
+    rounded up by its arena (ResNet-18 at 1,000 samples: peak 2920 MiB with them, 2473
+    without, at the same speed).
     """
     payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     options = ort.SessionOptions()
@@ -138,6 +141,7 @@ def open_runner(
     options.log_severity_level = ORT_SILENT  # its errors become ours, on one line
     # Same inputs and seed, same model bytes: no kernel may pick its algorithm by timing.
     options.use_deterministic_compute = True
+    options.enable_mem_pattern = False
 
     def cpu_session() -> ort.InferenceSession:
         return _session(payload, options, [CPU])
