@@ -77,3 +77,16 @@ def by_matrix(matrices: dict[tuple, np.ndarray]) -> dict:
     """Projections given as explicit `[groups, d, d]` matrices `P`, as rewrite_model takes
     them: each applies `P` to `[groups, d, k]` column blocks."""
     return {key: (lambda columns, p=p: p @ columns) for key, p in matrices.items()}
+
+
+def float_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer by name, in float64."""
+    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+
+
+def largest_relative_difference(a: dict, b: dict) -> float:
+    """Over the tensors of `b`: the largest `max |a - b| / max |b|` (all-zero `b` counts
+    its absolute difference)."""
+    return max(
+        float(np.max(np.abs(a[k] - b[k])) / max(float(np.max(np.abs(b[k]))), 1e-30)) for k in b
+    )

@@ -15,22 +15,13 @@ import onnx_forget
 from onnx_forget.errors import InputError, VerificationError
 from onnx_forget.modelio import save_model_atomically
 from tests import models
+from tests.models import float_weights, largest_relative_difference
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CNN = FIXTURES / "mnist_cnn.onnx"
 SAMPLES = FIXTURES / "mnist_samples"
 HELD_OUT = FIXTURES / "mnist_heldout.npz"
 SMALL = {"retain_per_class": 20, "forget_samples": 40}
-
-
-def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
-
-def _max_relative(a: dict, b: dict) -> float:
-    return max(
-        float(np.max(np.abs(a[k].astype(np.float64) - b[k])) / np.max(np.abs(b[k]))) for k in b
-    )
 
 
 def test_fixture_cnn_forgets_each_class_and_keeps_the_others_on_average():
@@ -74,7 +65,7 @@ def test_result_does_not_depend_on_batch_size():
     model = onnx.load(CNN)
     a = onnx_forget.forget(model, 5, SAMPLES, batch_size=7, **SMALL).model
     b = onnx_forget.forget(model, 5, SAMPLES, batch_size=64, **SMALL).model
-    assert _max_relative(_weights(a), _weights(b)) < BATCHING_TOLERANCE
+    assert largest_relative_difference(float_weights(a), float_weights(b)) < BATCHING_TOLERANCE
 
 
 def test_fixed_batch_model_runs_at_its_batch_size_with_the_same_result():
@@ -87,7 +78,7 @@ def test_fixed_batch_model_runs_at_its_batch_size_with_the_same_result():
     options = {"retain_per_class": 10, "forget_samples": 12, "batch_size": 64}
     a = onnx_forget.forget(dynamic, 2, SAMPLES, **options).model
     b = onnx_forget.forget(fixed, 2, SAMPLES, **options).model
-    assert _max_relative(_weights(b), _weights(a)) < BATCHING_TOLERANCE
+    assert largest_relative_difference(float_weights(b), float_weights(a)) < BATCHING_TOLERANCE
     assert b.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 8
 
 
@@ -104,10 +95,11 @@ def test_float16_model_is_projected_and_stays_float16():
     options = {"max_patches": 0, "retain_per_class": 100, "forget_samples": 100}
     full = onnx_forget.forget(models.mixed_model(weights), 1, (x, labels), **options)
     reduced = onnx_forget.forget(half, 1, (x, labels), **options)
-    got = _weights(reduced.model)
-    assert all(got[name].dtype == np.float16 for name in weights)
-    expected = {name: _weights(full.model)[name] for name in weights}
-    assert _max_relative(got, expected) < 3e-2
+    stored = {t.name: numpy_helper.to_array(t) for t in reduced.model.graph.initializer}
+    assert all(stored[name].dtype == np.float16 for name in weights)
+    got = float_weights(reduced.model)
+    expected = {name: float_weights(full.model)[name] for name in weights}
+    assert largest_relative_difference(got, expected) < 3e-2
 
 
 def test_external_data_model_is_saved_with_external_data(tmp_path):
@@ -125,7 +117,7 @@ def test_external_data_model_is_saved_with_external_data(tmp_path):
     assert (tmp_path / "model.forget-4.onnx.data").is_file()
     written = onnx.load(result.output)
     in_memory = onnx_forget.forget(onnx.load(CNN), 4, SAMPLES, **SMALL).model
-    assert _max_relative(_weights(written), _weights(in_memory)) < 1e-9
+    assert largest_relative_difference(float_weights(written), float_weights(in_memory)) < 1e-9
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "model.forget-4.onnx",
         "model.forget-4.onnx.data",

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
 import onnx_forget
 from onnx_forget.runtime import CPU, CUDA, cuda_starts
 from tests.conftest import FAST, MODEL, SAMPLES
+from tests.models import float_weights, largest_relative_difference
 
 OPTIONS = {"retain_per_class": 20, "forget_samples": 20, "method": "paper"}
 WEIGHT_TOLERANCE = 1e-4  # issue 6: CUDA weights match the CPU's to 1e-4 relative
@@ -27,10 +26,6 @@ needs_cuda = pytest.mark.skipif(
 without_cuda = pytest.mark.skipif(cuda_starts(), reason="a GPU is present: no fallback")
 
 
-def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
-
-
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_run_matches_the_cpu_run():
@@ -39,10 +34,8 @@ def test_cuda_run_matches_the_cpu_run():
     on_gpu = onnx_forget.forget(model, 3, SAMPLES, device="cuda", **OPTIONS)
     on_cpu = onnx_forget.forget(model, 3, SAMPLES, device="cpu", **OPTIONS)
     assert on_gpu.report.provider == CUDA and on_cpu.report.provider == CPU
-    gpu, cpu = _weights(on_gpu.model), _weights(on_cpu.model)
-    for name, expected in cpu.items():
-        relative = np.max(np.abs(gpu[name] - expected)) / max(np.max(np.abs(expected)), 1e-30)
-        assert relative <= WEIGHT_TOLERANCE, (name, relative)
+    gpu, cpu = float_weights(on_gpu.model), float_weights(on_cpu.model)
+    assert largest_relative_difference(gpu, cpu) <= WEIGHT_TOLERANCE
 
 
 @without_cuda

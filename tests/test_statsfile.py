@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 import onnx_forget
 from onnx_forget.errors import InputError
 from onnx_forget.statsfile import load_statistics
+from tests.models import float_weights, largest_relative_difference
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CNN = FIXTURES / "mnist_cnn.onnx"
@@ -25,14 +25,6 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
         x, y = archive["x"], archive["y"]
     chosen = np.concatenate([np.flatnonzero(y == c)[:PER_CLASS] for c in range(10)])
     return x[chosen], y[chosen]
-
-
-def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
-
-
-def _largest_relative_difference(a: dict, b: dict) -> float:
-    return max(float(np.max(np.abs(a[k] - b[k])) / np.max(np.abs(b[k]))) for k in b)
 
 
 def test_statistics_round_trip_through_a_file(tmp_path, digits):
@@ -70,11 +62,12 @@ def test_forgetting_from_statistics_equals_forgetting_from_samples(tmp_path, dig
     )
     assert from_stats.report.options["method"] == "paper"  # the head repair needs samples
     from_samples = onnx_forget.forget(CNN, 3, digits, output=tmp_path / "b.onnx", method="paper")
-    difference = _largest_relative_difference(
-        _weights(from_stats.model), _weights(from_samples.model)
+    difference = largest_relative_difference(
+        float_weights(from_stats.model), float_weights(from_samples.model)
     )
     assert difference <= 1e-6
-    assert _largest_relative_difference(_weights(from_stats.model), _weights(onnx.load(CNN))) > 1e-3
+    original = float_weights(onnx.load(CNN))
+    assert largest_relative_difference(float_weights(from_stats.model), original) > 1e-3
 
 
 def test_statistics_of_another_model_are_refused(tmp_path, digits):
