@@ -46,6 +46,7 @@ from onnx import helper, numpy_helper
 
 import onnx_forget
 from onnx_forget.options import DEFAULT_ALPHA_F, DEFAULT_ALPHA_R
+from onnx_forget.runtime import session_providers
 
 MODELS = ("resnet18", "vit_b16")
 DEFAULT_CACHE = "~/.cache/onnx-forget-bench"
@@ -237,7 +238,7 @@ def set_batches(labels: np.ndarray, forget_class: int, batch_size: int) -> list[
 
 def run_plain(model: Path, x, y, args) -> list[dict]:
     """(a): the original model over the samples with onnxruntime's default options."""
-    session = ort.InferenceSession(str(model), providers=[PROVIDERS[args.device]])
+    session = ort.InferenceSession(str(model), **session_providers(PROVIDERS[args.device]))
     runs = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -318,7 +319,7 @@ def tapped_session(model: onnx.ModelProto, names: list[str], provider: str):
     tapped.graph.output.extend(
         helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names
     )
-    return ort.InferenceSession(tapped.SerializeToString(), providers=[provider])
+    return ort.InferenceSession(tapped.SerializeToString(), **session_providers(provider))
 
 
 def gather(session, names: list[str], x, batches) -> dict[str, np.ndarray]:
@@ -456,6 +457,15 @@ def memory_bound(model: Path, x, args) -> dict[str, float]:
     }
 
 
+def gpu_name() -> str:
+    """The GPU's name as nvidia-smi gives it (onnxruntime does not say)."""
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
+        return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no nvidia-smi)"
+
+
 def median(runs: list[dict], key: str) -> float:
     return float(np.median([run[key] for run in runs]))
 
@@ -545,6 +555,8 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
         f"onnxruntime {ort.__version__}, numpy {np.__version__}"
     )
+    if args.device == "cuda":
+        print(f"GPU: {gpu_name()}")
     variants = [v for v in VARIANTS if not (args.skip_baseline and v == "baseline")]
     for name, path in paths.items():
         start = time.perf_counter()

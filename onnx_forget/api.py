@@ -180,6 +180,7 @@ class _OpenModel:
             {name: sample_set.labels[indices] for name, indices in sets.items()},
             self.settings.max_patches,
             self.settings.seed,
+            runner.gram_products,
         )
         outputs = [o.name for o in runner.session.get_outputs()]
         keep = list(dict.fromkeys([self.signature.scores_name, *kept]))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import UnsupportedModelError
 from .layers import ConvGeometry, Layer
+
+# `rows[g]^T rows[g]` for float32 rows `[groups, n, d]`, as float32 `[groups, d, d]`.
+GramProducts = Callable[[np.ndarray], np.ndarray]
 
 
 class GramAccumulator:
@@ -21,7 +25,15 @@ class GramAccumulator:
     Gram matrix the sum of its classes' ones, whichever way the samples were grouped.
     """
 
-    def __init__(self, layer: Layer, labels: np.ndarray, budget: int, seed: tuple[int, int]):
+    def __init__(
+        self,
+        layer: Layer,
+        labels: np.ndarray,
+        budget: int,
+        seed: tuple[int, int],
+        products: GramProducts | None = None,
+    ):
+        self.products = products  # float32 `A^T A` elsewhere (the GPU), else numpy's
         self.geometry = layer.geometry
         self.groups = layer.groups
         self.d = layer.d
@@ -44,7 +56,9 @@ class GramAccumulator:
         # in float64: twice as fast as float64 products, and the Gram matrix still agrees
         # with a float64 one to about 3e-7 relative, the projected weights to about 1e-9.
         rows = rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
-        if self.groups == 1:  # numpy computes a 2-D `A^T A` as one symmetric update
+        if self.products is not None and rows.dtype == np.float32:
+            self.gram += self.products(rows.transpose(1, 0, 2))
+        elif self.groups == 1:  # numpy computes a 2-D `A^T A` as one symmetric update
             self.gram[0] += rows[:, 0].T @ rows[:, 0]
         else:
             by_group = rows.transpose(1, 0, 2)  # [groups, n, d]
@@ -142,11 +156,12 @@ class StatisticsCollector:
         set_labels: dict[str, np.ndarray],
         max_patches: int,
         seed: int,
+        products: GramProducts | None = None,
     ):
         self.accumulators: dict[tuple, dict[str, GramAccumulator]] = {}
         for number, layer in enumerate(statistic_layers(layers)):
             self.accumulators[layer.statistic_key] = {
-                name: GramAccumulator(layer, labels, max_patches, (seed, number))
+                name: GramAccumulator(layer, labels, max_patches, (seed, number), products)
                 for name, labels in set_labels.items()
             }
 

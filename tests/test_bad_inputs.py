@@ -890,6 +890,9 @@ def test_ctrl_c_during_collection_exits_130_and_writes_nothing(tmp_path, model):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A test run started in the background of a shell ignores SIGINT, and so would
+        # the CLI it starts: give it the default a user's terminal gives.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_until_reading(process, SAMPLES)
     process.send_signal(signal.SIGINT)
@@ -911,7 +914,7 @@ class _FailingOnCuda:
 
     fail_at = "load"
 
-    def __init__(self, payload, options=None, providers=()):
+    def __init__(self, payload, options=None, providers=(), provider_options=None):
         if providers[0] == runtime.CUDA and self.fail_at == "load":
             raise runtime.ort_state.Fail("CUDA cannot run node swish (op Swish)")
         self.real = REAL_SESSION(payload, options, providers=[runtime.CPU])
@@ -920,10 +923,35 @@ class _FailingOnCuda:
     def get_providers(self):
         return self.providers
 
+    def get_outputs(self):
+        return self.real.get_outputs()
+
     def run(self, names, feed):
         if self.providers[0] == runtime.CUDA:
             raise runtime.ort_state.Fail("CUDA kernel for Swish failed")
         return self.real.run(names, feed)
+
+    def io_binding(self):  # how a CUDA session is run
+        return _Binding()
+
+    def run_with_iobinding(self, binding):
+        binding.outputs = self.run(binding.names, binding.feed)
+
+
+class _Binding:
+    """The IO binding calls a run on CUDA makes, kept as names and host arrays."""
+
+    def __init__(self):
+        self.feed, self.names, self.outputs = {}, [], []
+
+    def bind_cpu_input(self, name, value):
+        self.feed[name] = value
+
+    def bind_output(self, name, device):
+        self.names.append(name)
+
+    def copy_outputs_to_cpu(self):
+        return self.outputs
 
 
 @pytest.mark.parametrize("fail_at", ["load", "run"])
