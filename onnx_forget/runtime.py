@@ -20,8 +20,13 @@ from .errors import InputError, UnsupportedModelError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-# TF32 would round conv and matmul inputs to 10 bits: the CUDA run must match the CPU's.
-CUDA_OPTIONS = {"use_tf32": "0"}
+CUDA_OPTIONS = {
+    # TF32 would round conv and matmul inputs to 10 bits: the CUDA run must match the CPU's.
+    "use_tf32": "0",
+    # cuDNN's conv algorithm chosen by shape, not by timing runs (onnxruntime's default):
+    # the same inputs must give the same bytes on every run.
+    "cudnn_conv_algo_search": "HEURISTIC",
+}
 # onnxruntime's own log levels: 3 = errors only, 4 = fatal only.
 ORT_QUIET = 3
 ORT_SILENT = 4

@@ -15,7 +15,7 @@ import onnx_forget
 from onnx_forget.errors import InputError, VerificationError
 from onnx_forget.modelio import save_model_atomically
 from tests import models
-from tests.models import float_weights, largest_relative_difference
+from tests.models import ON_CPU, float_weights, largest_relative_difference
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CNN = FIXTURES / "mnist_cnn.onnx"
@@ -63,8 +63,8 @@ def test_result_does_not_depend_on_batch_size():
     so projected weights agree to float32 rounding; the refitted head, solved from features
     of those weights, amplifies that about tenfold."""
     model = onnx.load(CNN)
-    a = onnx_forget.forget(model, 5, SAMPLES, batch_size=7, **SMALL).model
-    b = onnx_forget.forget(model, 5, SAMPLES, batch_size=64, **SMALL).model
+    a = onnx_forget.forget(model, 5, SAMPLES, batch_size=7, **SMALL, **ON_CPU).model
+    b = onnx_forget.forget(model, 5, SAMPLES, batch_size=64, **SMALL, **ON_CPU).model
     assert largest_relative_difference(float_weights(a), float_weights(b)) < BATCHING_TOLERANCE
 
 
@@ -75,7 +75,7 @@ def test_fixed_batch_model_runs_at_its_batch_size_with_the_same_result():
     fixed = onnx.load(CNN)
     for value in (*fixed.graph.input, *fixed.graph.output):
         value.type.tensor_type.shape.dim[0].dim_value = 8
-    options = {"retain_per_class": 10, "forget_samples": 12, "batch_size": 64}
+    options = {"retain_per_class": 10, "forget_samples": 12, "batch_size": 64, **ON_CPU}
     a = onnx_forget.forget(dynamic, 2, SAMPLES, **options).model
     b = onnx_forget.forget(fixed, 2, SAMPLES, **options).model
     assert largest_relative_difference(float_weights(b), float_weights(a)) < BATCHING_TOLERANCE

@@ -11,7 +11,7 @@ import pytest
 import onnx_forget
 from onnx_forget.errors import InputError
 from onnx_forget.statsfile import load_statistics
-from tests.models import float_weights, largest_relative_difference
+from tests.models import ON_CPU, float_weights, largest_relative_difference
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CNN = FIXTURES / "mnist_cnn.onnx"
@@ -44,9 +44,10 @@ def test_merge_of_two_shards_equals_one_collection_over_both(tmp_path, digits):
     x, y = digits
     halves = [np.arange(len(y)) % 2 == parity for parity in (0, 1)]
     for name, half in zip(("a", "b"), halves):
-        onnx_forget.collect(CNN, (x[half], y[half]), max_patches=0).save(tmp_path / f"{name}.npz")
+        part = onnx_forget.collect(CNN, (x[half], y[half]), max_patches=0, **ON_CPU)
+        part.save(tmp_path / f"{name}.npz")
     merged = onnx_forget.merge([tmp_path / "a.npz", tmp_path / "b.npz"])
-    whole = onnx_forget.collect(CNN, (x, y), max_patches=0)
+    whole = onnx_forget.collect(CNN, (x, y), max_patches=0, **ON_CPU)
     assert merged.samples == whole.samples
     for key, gram in whole.grams.items():
         assert np.max(np.abs(merged.grams[key] - gram)) <= 1e-6 * np.max(np.abs(gram))
@@ -56,12 +57,14 @@ def test_merge_of_two_shards_equals_one_collection_over_both(tmp_path, digits):
 def test_forgetting_from_statistics_equals_forgetting_from_samples(tmp_path, digits):
     """Same samples, same options (patch sampling included): the same weights, to float32
     rounding (collection batches each class apart, a forget run batches each set)."""
-    onnx_forget.collect(CNN, digits).save(tmp_path / "stats.npz")
+    onnx_forget.collect(CNN, digits, **ON_CPU).save(tmp_path / "stats.npz")
     from_stats = onnx_forget.forget(
         CNN, 3, stats=tmp_path / "stats.npz", output=tmp_path / "a.onnx"
     )
     assert from_stats.report.options["method"] == "paper"  # the head repair needs samples
-    from_samples = onnx_forget.forget(CNN, 3, digits, output=tmp_path / "b.onnx", method="paper")
+    from_samples = onnx_forget.forget(
+        CNN, 3, digits, output=tmp_path / "b.onnx", method="paper", **ON_CPU
+    )
     difference = largest_relative_difference(
         float_weights(from_stats.model), float_weights(from_samples.model)
     )
