@@ -4,10 +4,12 @@ Each size runs in a fresh process so its peak resident memory is its own. Sizes 
 total samples (retain + forget): 10 % forget samples, the rest spread over kept classes.
 `--imagenet resnet18` (or `vit_b16`) takes a random-weight ImageNet-size model and random
 `.npy` samples of 10 classes from benchmarks/speed.py's cache (built on first use; torch
-is needed only then).
+is needed only then). There, `--method paper` keeps the run under 10 minutes on 2 cores:
+the head repair's extra forward pass over 5,000 ImageNet-size samples takes 2 of them.
 
     python -m benchmarks.memory [--model M.onnx --samples DIR --forget-class 3]
                                 [--sizes 100,1000] [--max-patches N] [--imagenet NAME]
+                                [--method head-repair|paper]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.speed import DEFAULT_CACHE, MODELS, model_path, samples_folder
-from onnx_forget.options import DEFAULT_MAX_PATCHES
+from onnx_forget.options import DEFAULT_MAX_PATCHES, METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -45,6 +47,7 @@ def run_once(args, size: int) -> dict:
             retain_per_class=retain_per_class,
             forget_samples=forget,
             max_patches=args.max_patches,
+            method=args.method,
         )
     report = result.report.to_dict()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000")
     parser.add_argument("--max-patches", type=int, default=DEFAULT_MAX_PATCHES)
     parser.add_argument("--imagenet", choices=MODELS)
+    parser.add_argument("--method", choices=METHODS, default=METHODS[0])
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -94,11 +98,13 @@ def main() -> None:
             str(args.classes),
             "--max-patches",
             str(args.max_patches),
+            "--method",
+            args.method,
         ]
         finished = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
         rows.append(json.loads(finished.stdout.strip().splitlines()[-1]))
     phases = list(rows[0]["timings_s"])
-    print(f"model {args.model}, --max-patches {args.max_patches}")
+    print(f"model {args.model}, --max-patches {args.max_patches}, --method {args.method}")
     print(f"{'samples':>8} {'peak MiB':>9} " + " ".join(f"{p[:12]:>12}" for p in phases))
     for row in rows:
         times = " ".join(f"{row['timings_s'][p]:>11.2f}s" for p in phases)
