@@ -237,7 +237,8 @@ def set_batches(labels: np.ndarray, forget_class: int, batch_size: int) -> list[
 
 
 def run_plain(model: Path, x, y, args) -> list[dict]:
-    """(a): the original model over the samples with onnxruntime's default options."""
+    """(a): the original model over the samples, on the provider onnx-forget uses with
+    the same provider options (on CUDA: TF32 off, conv algorithms chosen by heuristic)."""
     session = ort.InferenceSession(str(model), **session_providers(PROVIDERS[args.device]))
     runs = []
     for _ in range(args.repeats):

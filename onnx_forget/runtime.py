@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import click
 import numpy as np
@@ -17,6 +18,7 @@ from onnx import helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from .errors import InputError, UnsupportedModelError
+from .statistics import GramProducts, numpy_gram
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -65,6 +67,8 @@ class Runner:
     cuda_failure: str | None = None  # why CUDA was given up for this model
     # Run the next batch while the caller uses this one: on CUDA, where the GPU is free.
     runs_ahead: bool = False
+    _cuda_gram: GramProducts | None = field(default=None, init=False, repr=False)
+    _switching: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def provider(self) -> str:
@@ -88,35 +92,49 @@ class Runner:
         """Yield `(batch_indices, outputs)` over `indices`, loading each batch on demand.
 
         A worker thread prepares the next batch while the caller uses this one: it loads
-        the samples and, when the runner `runs_ahead`, runs them too (two batches of
-        outputs are then alive, else one). A fixed-batch model gets its last batch
-        padded with copies of the first sample, cut from every output before it is yielded.
+        the samples (two batches of inputs are then alive) and, while the runner
+        `runs_ahead`, runs them too (two batches of outputs). A fixed-batch model gets its
+        last batch padded with copies of the first sample, cut from every output before it
+        is yielded.
         """
         size = self.batch_size
         batches = [indices[start : start + size] for start in range(0, len(indices), size)]
-        ahead = self.runs_ahead
 
-        def prepare(batch: np.ndarray):
+        def prepare(batch: np.ndarray) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
             inputs = load(batch)
-            return self._outputs(output_names, inputs, len(batch)) if ahead else inputs
+            if not self.runs_ahead:
+                return inputs, None
+            return None, self._outputs(output_names, inputs, len(batch))
 
-        with ThreadPoolExecutor(max_workers=1) as worker:
+        worker = ThreadPoolExecutor(max_workers=1)
+        try:
             upcoming = worker.submit(prepare, batches[0]) if batches else None
             for number, batch in enumerate(batches):
-                prepared = upcoming.result()
+                inputs, outputs = upcoming.result()
                 if number + 1 < len(batches):
                     upcoming = worker.submit(prepare, batches[number + 1])
-                outputs = prepared if ahead else self._outputs(output_names, prepared, len(batch))
-                del prepared
+                if outputs is None:
+                    outputs = self._outputs(output_names, inputs, len(batch))
+                del inputs
                 yield batch, outputs
                 del outputs  # not alive while the next batch runs
+        finally:  # an error or an early stop does not wait for the batch being prepared
+            worker.shutdown(wait=False, cancel_futures=True)
 
-    @functools.cached_property
-    def gram_products(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        """The Gram products on the GPU when the session runs on CUDA, else None (numpy's):
-        they outweigh the forward pass itself (ResNet-18: 1.0e12 multiply-adds against
-        1.7e11)."""
-        return onnxruntime_gram(CUDA) if self.provider == CUDA else None
+    def gram_products(self, rows: np.ndarray) -> np.ndarray:
+        """`rows[g]^T rows[g]` of float32 rows: on the GPU while the session runs on CUDA
+        (these products outweigh the forward pass itself, ResNet-18: 1.0e12 multiply-adds
+        against 1.7e11), else numpy's. Under `auto`, a CUDA failure here also moves the
+        run to the CPU."""
+        if self.provider == CUDA:
+            try:
+                if self._cuda_gram is None:
+                    self._cuda_gram = onnxruntime_gram(CUDA)
+                return self._cuda_gram(rows)
+            except UnsupportedModelError as error:
+                if not self._give_up_cuda(str(error)):
+                    raise
+        return numpy_gram(rows)
 
     def _outputs(self, output_names: list[str] | None, inputs: np.ndarray, real: int):
         """One batch through the session, padded to the fixed batch size where there is one;
@@ -125,30 +143,41 @@ class Runner:
         if padding:
             inputs = np.concatenate([inputs, np.repeat(inputs[:1], padding, axis=0)])
         while True:
+            session = self.session
             try:
-                outputs = self._session_outputs(output_names, inputs)
+                outputs = self._session_outputs(session, output_names, inputs)
                 break
             except ORT_ERRORS as error:
-                message = f"onnxruntime ({self.provider}) failed to run the model: "
-                message += _first_line(error)
-                if self.cpu_fallback is None or self.provider == CPU:
-                    raise UnsupportedModelError(message) from None
-                self.session, self.cpu_fallback = self.cpu_fallback(), None
-                self.cuda_failure = message
+                provider = session.get_providers()[0]
+                message = f"onnxruntime ({provider}) failed to run the model: "
+                if provider == CPU or not self._give_up_cuda(message + _first_line(error)):
+                    raise UnsupportedModelError(message + _first_line(error)) from None
         if padding:
             outputs = [_drop_padding(o, real, self.batch_size) for o in outputs]
         return outputs
 
-    def _session_outputs(self, output_names: list[str] | None, inputs: np.ndarray):
+    def _give_up_cuda(self, reason: str) -> bool:
+        """Under `auto`, move to a CPU session (once, whichever thread fails first);
+        whether the run is now on the CPU."""
+        with self._switching:
+            if self.provider == CPU:
+                return True
+            if self.cpu_fallback is None:
+                return False
+            self.session, self.cpu_fallback = self.cpu_fallback(), None
+            self.cuda_failure, self.runs_ahead = reason, False
+            return True
+
+    def _session_outputs(self, session, output_names: list[str] | None, inputs: np.ndarray):
         """On CUDA through IO binding: the outputs stay on the GPU until the run ends, then
         each is copied to the host once."""
-        if self.provider != CUDA:
-            return self.session.run(output_names, {self.input_name: inputs})
-        binding = self.session.io_binding()
+        if session.get_providers()[0] != CUDA:
+            return session.run(output_names, {self.input_name: inputs})
+        binding = session.io_binding()
         binding.bind_cpu_input(self.input_name, inputs)
-        for name in output_names or [output.name for output in self.session.get_outputs()]:
+        for name in output_names or [output.name for output in session.get_outputs()]:
             binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
 
@@ -173,21 +202,9 @@ def open_runner(
     fixed_batch: int | None,
     input_name: str,
 ) -> Runner:
-    """Start a session on the requested device; `auto` uses CUDA only if it really starts.
-
-    Every graph optimisation is on: onnxruntime never fuses away a tensor that is a graph
-    output, so tapped tensors keep their exported values. Memory patterns are off: once a
-    batch shape repeats, onnxruntime would allocate the whole recorded plan as one block,
-    rounded up by its arena (ResNet-18 at 1,000 samples: peak 2920 MiB with them, 2473
-    without, at the same speed).
-    """
+    """Start a session on the requested device; `auto` uses CUDA only if it really starts."""
     payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = ORT_SILENT  # its errors become ours, on one line
-    # Same inputs and seed, same model bytes: no kernel may pick its algorithm by timing.
-    options.use_deterministic_compute = True
-    options.enable_mem_pattern = False
+    options = _session_options()
 
     def cpu_session() -> ort.InferenceSession:
         return _session(payload, options, CPU)
@@ -214,6 +231,22 @@ def open_runner(
         cuda_failure=cuda_failure,
         runs_ahead=on_cuda,
     )
+
+
+def _session_options() -> ort.SessionOptions:
+    """Every graph optimisation is on: onnxruntime never fuses away a tensor that is a graph
+    output, so tapped tensors keep their exported values. Memory patterns are off: once a
+    batch shape repeats, onnxruntime would allocate the whole recorded plan as one block,
+    rounded up by its arena (ResNet-18 at 1,000 samples: peak 2920 MiB with them, 2473
+    without, at the same speed).
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = ORT_SILENT  # its errors become ours, on one line
+    # Same inputs and seed, same model bytes: no kernel may pick its algorithm by timing.
+    options.use_deterministic_compute = True
+    options.enable_mem_pattern = False
+    return options
 
 
 @functools.cache
@@ -265,12 +298,14 @@ def session_providers(provider: str) -> dict:
     return {"providers": [CPU]}
 
 
-def onnxruntime_gram(provider: str) -> Callable[[np.ndarray], np.ndarray]:
+def onnxruntime_gram(provider: str) -> GramProducts:
     """`rows[g]^T rows[g]` for float32 rows `[groups, n, d]`, by onnxruntime on `provider`."""
-    session = _session(_gram_model(), ort.SessionOptions(), provider)
+    session = _session(_gram_model(), _session_options(), provider)
 
     def products(rows: np.ndarray) -> np.ndarray:
         try:
+            # onnxruntime takes C-ordered arrays only: a grouped layer's `[groups, n, d]`
+            # view of `[n, groups, d]` patches is copied once here.
             return session.run(None, {"rows": np.ascontiguousarray(rows)})[0]
         except ORT_ERRORS as error:
             raise UnsupportedModelError(

@@ -15,6 +15,18 @@ from .layers import ConvGeometry, Layer
 GramProducts = Callable[[np.ndarray], np.ndarray]
 
 
+def numpy_gram(rows: np.ndarray) -> np.ndarray:
+    """`rows[g]^T rows[g]` in the rows' own precision.
+
+    Float32 products summed in float64 by the caller are twice as fast as float64 ones,
+    and the Gram matrix still agrees with a float64 one to about 3e-7 relative, the
+    projected weights to about 1e-9.
+    """
+    if len(rows) == 1:  # numpy computes a 2-D `A^T A` as one symmetric update (syrk)
+        return (rows[0].T @ rows[0])[None]
+    return rows.transpose(0, 2, 1) @ rows
+
+
 class GramAccumulator:
     """Sum of `x x^T` over one sample set's input vectors of one statistic, per group.
 
@@ -33,7 +45,7 @@ class GramAccumulator:
         seed: tuple[int, int],
         products: GramProducts | None = None,
     ):
-        self.products = products  # float32 `A^T A` elsewhere (the GPU), else numpy's
+        self.products = products or numpy_gram  # for float32 rows: the GPU's, or numpy's
         self.geometry = layer.geometry
         self.groups = layer.groups
         self.d = layer.d
@@ -52,17 +64,12 @@ class GramAccumulator:
             rows = values.reshape(-1, self.d)[:, None, :]
         else:
             rows = self._patches(values, first_sample)
-        # The batch's products in the activations' own precision (float32 at least), summed
-        # in float64: twice as fast as float64 products, and the Gram matrix still agrees
-        # with a float64 one to about 3e-7 relative, the projected weights to about 1e-9.
+        # The batch's products in float32 at least (float16 activations are widened),
+        # summed in float64.
         rows = rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
-        if self.products is not None and rows.dtype == np.float32:
-            self.gram += self.products(rows.transpose(1, 0, 2))
-        elif self.groups == 1:  # numpy computes a 2-D `A^T A` as one symmetric update
-            self.gram[0] += rows[:, 0].T @ rows[:, 0]
-        else:
-            by_group = rows.transpose(1, 0, 2)  # [groups, n, d]
-            self.gram += by_group.transpose(0, 2, 1) @ by_group
+        by_group = rows.transpose(1, 0, 2)  # [groups, n, d]
+        products = self.products if rows.dtype == np.float32 else numpy_gram
+        self.gram += products(by_group)
         self.vectors += rows.shape[0]
 
     def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:

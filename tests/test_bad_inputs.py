@@ -31,6 +31,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+import onnx_forget
 from onnx_forget import runtime
 from onnx_forget.errors import InputError, UnsupportedModelError
 from onnx_forget.modelio import load_model, save_model_atomically
@@ -909,8 +910,9 @@ REAL_SESSION = runtime.ort.InferenceSession
 
 
 class _FailingOnCuda:
-    """An onnxruntime session that claims CUDA and fails as an unsupported op would, when
-    the session starts (`fail_at = "load"`) or when it runs."""
+    """An onnxruntime session that claims CUDA and fails as an unsupported op would: when
+    the session starts (`fail_at = "load"`), when it runs (`"run"`), or only when the
+    Gram products run (`"gram"`). It really runs on the CPU."""
 
     fail_at = "load"
 
@@ -919,6 +921,7 @@ class _FailingOnCuda:
             raise runtime.ort_state.Fail("CUDA cannot run node swish (op Swish)")
         self.real = REAL_SESSION(payload, options, providers=[runtime.CPU])
         self.providers = list(providers)
+        self.computes_gram = [output.name for output in self.get_outputs()] == ["gram"]
 
     def get_providers(self):
         return self.providers
@@ -927,7 +930,8 @@ class _FailingOnCuda:
         return self.real.get_outputs()
 
     def run(self, names, feed):
-        if self.providers[0] == runtime.CUDA:
+        failing = self.fail_at == "run" or (self.fail_at == "gram" and self.computes_gram)
+        if self.providers[0] == runtime.CUDA and failing:
             raise runtime.ort_state.Fail("CUDA kernel for Swish failed")
         return self.real.run(names, feed)
 
@@ -954,27 +958,32 @@ class _Binding:
         return self.outputs
 
 
-@pytest.mark.parametrize("fail_at", ["load", "run"])
-def test_cuda_failure_names_the_provider_and_auto_falls_back_to_the_cpu(monkeypatch, fail_at):
-    """CUDA failing on the model: `--device cuda` is refused naming the provider; `auto`
-    runs on the CPU and says why."""
+@pytest.mark.parametrize(
+    ("fail_at", "reason"),
+    [
+        ("load", "cannot load the model"),
+        ("run", "failed to run the model"),
+        ("gram", "failed on a Gram matrix"),
+    ],
+)
+def test_cuda_failure_names_the_provider_and_auto_falls_back_to_the_cpu(
+    monkeypatch, fail_at, reason
+):
+    """CUDA failing on the model or on its Gram products: `--device cuda` is refused
+    naming the provider; `auto` says why and gives the CPU run's weights."""
+    options = {"retain_per_class": 5, "forget_samples": 5, "method": "paper"}
+    model = onnx.load(MODEL)
+    on_cpu = onnx_forget.forget(model, 3, SAMPLES, device="cpu", **options)
     monkeypatch.setattr(runtime, "cuda_starts", lambda: True)
     monkeypatch.setattr(_FailingOnCuda, "fail_at", fail_at)
     monkeypatch.setattr(runtime.ort, "InferenceSession", _FailingOnCuda)
-    model = models.mixed_model(models.mixed_weights())
-    x = np.zeros((2, *models.MIXED_INPUT), np.float32)
-
-    def scores(device: str) -> tuple[runtime.Runner, np.ndarray]:
-        runner = runtime.open_runner(model, device, 8, None, "input")
-        ((_, (values,)),) = list(runner.run(lambda batch: x[batch], np.arange(2)))
-        return runner, values
-
-    runner, values = scores("auto")
-    assert runner.provider == runtime.CPU and values.shape == (2, models.MIXED_CLASSES)
-    assert "CUDAExecutionProvider" in runner.provider_note
-    assert "ran on the CPU" in runner.provider_note
+    auto = onnx_forget.forget(model, 3, SAMPLES, device="auto", **options)
+    assert auto.report.provider == runtime.CPU
+    assert f"onnxruntime (CUDAExecutionProvider) {reason}" in auto.report.provider_note
+    assert "ran on the CPU" in auto.report.provider_note
+    assert auto.model.SerializeToString() == on_cpu.model.SerializeToString()
     with pytest.raises(UnsupportedModelError, match="CUDAExecutionProvider"):
-        scores("cuda")
+        onnx_forget.forget(model, 3, SAMPLES, device="cuda", **options)
 
 
 def test_same_inputs_and_seed_give_a_byte_identical_model(tmp_path, model):

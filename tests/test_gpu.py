@@ -77,15 +77,21 @@ def test_gram_products_through_onnxruntime_equal_numpys(budget):
     names = [output.name for output in session.get_outputs()]
     labels = np.repeat([0, 1], 6)
     inputs = np.random.default_rng(0).normal(size=(12, *models.MIXED_INPUT)).astype(np.float32)
+    groups_seen, on_cpu = set(), onnxruntime_gram(CPU)
+
+    def products(rows: np.ndarray) -> np.ndarray:
+        groups_seen.add(len(rows))
+        return on_cpu(rows)
+
     through_numpy = StatisticsCollector(layers, {"set": labels}, budget, seed=0)
     through_onnxruntime = StatisticsCollector(
-        layers, {"set": labels}, budget, seed=0, products=onnxruntime_gram(CPU)
+        layers, {"set": labels}, budget, seed=0, products=products
     )
     for first, batch in ((0, inputs[:5]), (5, inputs[5:])):  # batches of 5 and 7
         tapped = dict(zip(names, session.run(None, {"input": batch})))
         through_numpy.add("set", tapped, first)
         through_onnxruntime.add("set", tapped, first)
-    assert any(layer.groups > 1 for layer in layers)
+    assert groups_seen == {1, models.CONV_GROUPS}  # fully connected and grouped conv rows
     for key in through_numpy.accumulators:
         expected = through_numpy.gram(key, "set")
         difference = np.abs(through_onnxruntime.gram(key, "set") - expected).max()
@@ -106,6 +112,7 @@ def test_running_ahead_yields_each_batch_once_in_order(model, fixed_batch):
 
     ahead, in_turn = batches(True), batches(False)
     assert len(ahead) == len(in_turn) == -(-len(inputs) // (fixed_batch or 5))
+    np.testing.assert_array_equal(np.concatenate([batch for batch, _ in ahead]), indices)
     for (batch, outputs), (expected_batch, expected) in zip(ahead, in_turn):
         np.testing.assert_array_equal(batch, expected_batch)
         assert [o.shape[0] for o in outputs] == [len(batch)] * len(outputs)
