@@ -20,6 +20,10 @@ takes over 15 minutes, so it is asked for by name.
 
     python benchmarks/speed.py [--models resnet18,vit_b16] [--retain 64 --classes 8
         --forget 32] [--batch-size 32] [--repeats 3] [--skip-baseline] [--cache DIR]
+        [--device cpu|cuda]
+
+With `--device cuda` every variant runs on onnxruntime's CUDA provider (the baseline's
+SVDs stay on the CPU) and the GPU's name is printed.
 """
 
 from __future__ import annotations
