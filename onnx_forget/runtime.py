@@ -150,8 +150,9 @@ class Runner:
             except ORT_ERRORS as error:
                 provider = session.get_providers()[0]
                 message = f"onnxruntime ({provider}) failed to run the model: "
-                if provider == CPU or not self._give_up_cuda(message + _first_line(error)):
-                    raise UnsupportedModelError(message + _first_line(error)) from None
+                message += _first_line(error)
+                if provider == CPU or not self._give_up_cuda(message):
+                    raise UnsupportedModelError(message) from None
         if padding:
             outputs = [_drop_padding(o, real, self.batch_size) for o in outputs]
         return outputs
