@@ -15,8 +15,8 @@ Each repeat of each variant runs in a fresh subprocess of this script, so its pe
 resident memory is that one run's (the largest over repeats is printed); times are
 medians over the repeats. Only building the cache needs torch.
 
-By default only ResNet-18 runs (about 5 minutes on 2 cores); ViT-B/16's baseline alone
-takes over 15 minutes, so it is asked for by name.
+By default only ResNet-18 runs (4.1 minutes on 2 cores, last measured); ViT-B/16 took 19
+minutes, 10 of them its baseline, so it is asked for by name.
 
     python benchmarks/speed.py [--models resnet18,vit_b16] [--retain 64 --classes 8
         --forget 32] [--batch-size 32] [--repeats 3] [--skip-baseline] [--cache DIR]
@@ -50,7 +50,7 @@ from onnx import helper, numpy_helper
 
 import onnx_forget
 from onnx_forget.options import DEFAULT_ALPHA_F, DEFAULT_ALPHA_R
-from onnx_forget.runtime import session_providers
+from onnx_forget.runtime import CPU, CUDA, session_providers
 
 MODELS = ("resnet18", "vit_b16")
 DEFAULT_CACHE = "~/.cache/onnx-forget-bench"
@@ -66,7 +66,7 @@ RESNET_BLOCKS = 2  # per stage: ResNet-18
 VIT_PATCH, VIT_DIM, VIT_DEPTH, VIT_HEADS, VIT_MLP = 16, 768, 12, 12, 3072  # ViT-B/16
 VIT_INIT_STD = 0.02  # class token and position embeddings, as in the ViT paper's code
 BASELINE_PATCHES = 10_000  # ALGORITHM.md: the authors' cap per conv layer and set
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": CPU, "cuda": CUDA}
 PHASES = ("load", "samples", "taps", "collect", "decompose", "rewrite", "save", "evaluate")
 BASELINE_PHASES = ("load", "activations", "decompose", "rewrite", "save")
 GRAM_BYTES = 8 * 2  # float64 entries, one matrix for the retain and one for the forget set
@@ -531,7 +531,7 @@ def print_model(name: str, results: dict, bound: dict, args, wall: float) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", default=MODELS[0], help=f"of {','.join(MODELS)}; ViT-B/16 takes ~25 min"
+        "--models", default=MODELS[0], help=f"of {','.join(MODELS)}; ViT-B/16 took 19 min"
     )
     parser.add_argument("--retain", type=int, default=64, help="retain samples in all")
     parser.add_argument("--classes", type=int, default=8, help="kept classes")

@@ -1,4 +1,5 @@
-"""The CUDA path: the same run on the GPU and the CPU, and the CPU fallback without a GPU.
+"""The CUDA path: the same run on the GPU and the CPU, the CPU fallback without a GPU, and
+the pieces CUDA uses (onnxruntime's Gram products, running ahead) checked on the CPU.
 
 Tests marked `gpu` need onnxruntime's CUDA provider to really start; elsewhere they skip
 with the reason. The fallback tests run where it does not start.
