@@ -272,6 +272,21 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
 
 
+def run_onnx_forget(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m onnx_forget ARGS` in `cwd` as one case: one BLAS thread, memory capped,
+    at most CASE_TIMEOUT_S."""
+    return subprocess.run(
+        [sys.executable, "-m", "onnx_forget", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=CASE_TIMEOUT_S,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        preexec_fn=_limit_memory,
+        check=False,
+    )
+
+
 def run_case(case: int, data: bytes, mutations: list[str], samples: Path, work: Path) -> Outcome:
     """The CLI on one mutated model in a folder of its own, checked against the contract."""
     folder = work / f"case-{case:04d}"
@@ -279,23 +294,13 @@ def run_case(case: int, data: bytes, mutations: list[str], samples: Path, work: 
     model = folder / "model.onnx"
     model.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
-    command = [sys.executable, "-m", "onnx_forget", "model.onnx", "--forget-class", "3"]
-    command += ["--samples", str(samples), "--device", "cpu", "-o", "out.onnx", "-q"]
+    command = ["model.onnx", "--forget-class", "3", "--samples", str(samples)]
+    command += ["--device", "cpu", "-o", "out.onnx", "-q"]
     command += ["--retain-per-class", str(SAMPLES_PER_CLASS)]
     command += ["--forget-samples", str(SAMPLES_PER_CLASS)]
-    environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     start = time.perf_counter()
     try:
-        process = subprocess.run(
-            command,
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            timeout=CASE_TIMEOUT_S,
-            env=environment,
-            preexec_fn=_limit_memory,
-            check=False,
-        )
+        process = run_onnx_forget(command, folder)
         code, stderr = process.returncode, process.stderr
     except subprocess.TimeoutExpired as expired:
         code, stderr = None, (expired.stderr or b"").decode(errors="replace")

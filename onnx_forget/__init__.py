@@ -1,20 +1,48 @@
-"""onnx-forget: make an exported ONNX classifier forget a class, without retraining."""
+"""onnx-forget: make an exported ONNX classifier forget a class, without retraining.
 
-from .api import (
-    Evaluation,
-    ForgetResult,
-    TuneResult,
-    collect,
-    evaluate,
-    forget,
-    layers,
-    merge,
-    tune,
+The public names load on first use: importing the package imports no onnxruntime, so
+the command line can check the installation before onnxruntime is first imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .errors import (
+    ForgetError,
+    InputError,
+    InstallationError,
+    UnsupportedModelError,
+    VerificationError,
 )
-from .errors import ForgetError, InputError, UnsupportedModelError, VerificationError
-from .options import ForgetOptions, Preprocessing
-from .statsfile import ClassStatistics, load_statistics
+from .install import check_onnxruntime_installation
 from .version import VERSION as __version__
+
+if TYPE_CHECKING:  # what editors and type checkers see
+    from .api import (
+        Evaluation,
+        ForgetResult,
+        TuneResult,
+        collect,
+        evaluate,
+        forget,
+        layers,
+        merge,
+        tune,
+    )
+    from .options import ForgetOptions, Preprocessing
+    from .statsfile import ClassStatistics, load_statistics
+
+# Public name -> the module defining it.
+_LAZY = {
+    **dict.fromkeys(
+        ("Evaluation", "ForgetResult", "TuneResult", "collect", "evaluate", "forget"), "api"
+    ),
+    **dict.fromkeys(("layers", "merge", "tune"), "api"),
+    **dict.fromkeys(("ForgetOptions", "Preprocessing"), "options"),
+    **dict.fromkeys(("ClassStatistics", "load_statistics"), "statsfile"),
+}
 
 __all__ = [
     "ClassStatistics",
@@ -23,6 +51,7 @@ __all__ = [
     "ForgetOptions",
     "ForgetResult",
     "InputError",
+    "InstallationError",
     "Preprocessing",
     "TuneResult",
     "UnsupportedModelError",
@@ -36,3 +65,17 @@ __all__ = [
     "merge",
     "tune",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    check_onnxruntime_installation()
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

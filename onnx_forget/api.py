@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from .errors import InputError, UnsupportedModelError
-from .evaluate import (
+from .layer_scan import Head, LayerScan, find_head, scan_layers
+from .metrics import (
     Accuracy,
     agreement,
     class_scores,
@@ -27,13 +28,14 @@ from .evaluate import (
     membership_attack,
     true_class_confidence,
 )
-from .layers import Head, LayerScan, find_head, scan_layers
 from .modelio import (
+    MODEL_OUTPUT,
+    REPORT_OUTPUT,
     LoadedModel,
-    check_new_output,
+    OutputFiles,
+    check_outputs,
     load_model,
     needs_external_data,
-    save_model_atomically,
 )
 from .options import DEFAULT_MAX_MODEL_BYTES, METHODS, ForgetOptions
 from .repair import HeadSystem, forget_targets, write_head
@@ -63,6 +65,7 @@ ALPHA_F_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
 VALIDATION_SHARE = 0.2  # of each class's samples, held back for --tune without --eval-samples
 
 Samples = str | os.PathLike | tuple[np.ndarray, np.ndarray]
+PathArgument = str | os.PathLike
 
 
 @dataclass
@@ -114,11 +117,12 @@ class _OpenModel:
     settings: ForgetOptions
 
     @classmethod
-    def of(cls, model, settings: ForgetOptions) -> _OpenModel:
+    def of(cls, model, settings: ForgetOptions, projected: bool = True) -> _OpenModel:
+        """Load and inspect `model`; with `projected`, refuse it without a layer to project."""
         loaded = load_model(model, settings.max_model_bytes)
         where = loaded.path or "in-memory model"
         scan = scan_layers(loaded.proto)
-        if not scan.layers:
+        if projected and not scan.layers:
             raise UnsupportedModelError(
                 f"{where}: no projectable Conv, Gemm or MatMul layer "
                 "(`onnx-forget layers` says why each was skipped)"
@@ -156,10 +160,22 @@ class _OpenModel:
         return class_scores(runner, samples, indices, self.signature.scores_name)
 
     @property
+    def inputs(self) -> dict[str, tuple[Path, ...]]:
+        """The files this model was read from, for `check_outputs`."""
+        if self.loaded.path is None:
+            return {}
+        return {
+            "the model": (self.loaded.path,),
+            "the model's external data": self.loaded.external_files,
+        }
+
+    @property
     def head(self) -> Head | None:
         """The layer writing the logits, when the class count is known."""
         count = self.signature.class_count
-        return find_head(self.loaded.proto, self.scan, count) if count else None
+        if not count:
+            return None
+        return find_head(self.loaded.proto, self.scan, count, self.signature.scores_name)
 
     def tapped_runner(self, also: tuple[tuple[str, np.dtype], ...] = ()) -> Runner:
         """A session on the model with every layer's input (and `also`) as outputs."""
@@ -231,15 +247,18 @@ def forget(
     samples: Samples | None = None,
     *,
     stats: str | os.PathLike | ClassStatistics | None = None,
-    output: str | os.PathLike | None = None,
+    output: PathArgument | None = None,
     force: bool = False,
     eval_samples: Samples | None = None,
+    report: PathArgument | None = None,
     **options,
 ) -> ForgetResult:
     """Forget `forget_classes` in `model`, from `samples` or from collected `stats`.
 
     A model given by path is written beside itself (or to `output`); a ModelProto is
-    written only when `output` is given. Keyword options are the fields of ForgetOptions.
+    written only when `output` is given. `report` writes the report as JSON, with the
+    model as one transaction. No output may be an input. Keyword options are the fields
+    of ForgetOptions.
     """
     settings = ForgetOptions.from_keywords(**options)
     classes = _classes(forget_classes)
@@ -248,16 +267,22 @@ def forget(
     run = _Run(settings, classes)
     with run.timer("load"):
         opened = _OpenModel.of(model, settings)
-        destination = _destination(opened.loaded.path, output, classes, force)
+    with run.timer("samples"):
+        sample_set = opened.samples(samples) if samples is not None else None
+        destination = _destination(opened.loaded.path, output, classes)
+        _check_run_outputs(
+            opened, destination, report, force, sample_set, eval_samples, stats=stats
+        )
     used = None
-    if stats is not None:
+    if sample_set is None:
         run.spaces_from_statistics(opened, stats)
     else:
         with run.timer("samples"):
-            sample_set = opened.samples(samples)
             retain, forget_indices = _choose_sets(sample_set, classes, opened, settings)
         used = run.spaces_from_samples(opened, sample_set, retain, forget_indices)
-    return run.finish(opened, settings.alpha_r, settings.alpha_f, destination, used, eval_samples)
+    return run.finish(
+        opened, settings.alpha_r, settings.alpha_f, destination, used, eval_samples, report
+    )
 
 
 def tune(
@@ -268,26 +293,29 @@ def tune(
     eval_samples: Samples | None = None,
     alpha_r_grid: Iterable[float] = ALPHA_R_GRID,
     alpha_f_grid: Iterable[float] = ALPHA_F_GRID,
-    output: str | os.PathLike | None = None,
+    output: PathArgument | None = None,
     force: bool = False,
+    report: PathArgument | None = None,
     **options,
 ) -> TuneResult:
     """Search (α_r, α_f) on a grid, scoring `retain_acc * (100 - forget_acc)` on validation
     samples, and write the best model.
 
     Validation is `eval_samples` when given, else a seeded share of each class of
-    `samples`. Samples are run once; each grid point factors the Gram matrices again (a
-    Cholesky factor each, cheap beside the run), rewrites the weights and runs an in-memory
-    session on the validation samples.
+    `samples`. The tapped model runs once over the fit samples for the statistics; each
+    grid point then factors the Gram matrices at its α, rewrites the weights, refits the
+    head (with the default method: one more run of the fit samples, through the rewritten
+    model) and runs the validation samples.
     """
     settings = ForgetOptions.from_keywords(**options)
     classes = _classes(forget_classes)
     run = _Run(settings, classes)
     with run.timer("load"):
         opened = _OpenModel.of(model, settings)
-        destination = _destination(opened.loaded.path, output, classes, force)
     with run.timer("samples"):
         sample_set = opened.samples(samples)
+        destination = _destination(opened.loaded.path, output, classes)
+        _check_run_outputs(opened, destination, report, force, sample_set, eval_samples)
         if eval_samples is None:
             fit, validation_indices = split_validation(
                 sample_set.labels, VALIDATION_SHARE, settings.seed
@@ -316,7 +344,9 @@ def tune(
                     }
                 )
     best = max(grid, key=lambda point: point["score"])
-    result = run.finish(opened, best["alpha_r"], best["alpha_f"], destination, used, eval_samples)
+    result = run.finish(
+        opened, best["alpha_r"], best["alpha_f"], destination, used, eval_samples, report, grid
+    )
     return TuneResult(result, grid, best)
 
 
@@ -326,15 +356,22 @@ def collect(
     *,
     classes: Iterable[int] | None = None,
     per_class: int | None = None,
+    output: PathArgument | None = None,
+    force: bool = False,
+    report: PathArgument | None = None,
     **options,
 ) -> ClassStatistics:
     """Gram matrices per statistic and per class, to forget any class later without samples.
 
     Every sample of each class is used unless `per_class` caps them (seeded choice).
+    `output` writes the statistics file and `report` its summary as JSON, together.
     """
     settings = ForgetOptions.from_keywords(**options)
     opened = _OpenModel.of(model, settings)
     sample_set = opened.samples(samples)
+    outputs = {"statistics file": _path(output), REPORT_OUTPUT: _path(report)}
+    inputs = {**opened.inputs, **_sample_inputs(sample_set, settings)}
+    check_outputs(outputs, inputs, force)
     present = [int(c) for c in np.unique(sample_set.labels)]
     wanted = present if classes is None else sorted({int(c) for c in classes})
     missing = [c for c in wanted if c not in present]
@@ -353,7 +390,7 @@ def collect(
             accumulator = collector.accumulators[key][str(label)]
             grams[number, label] = accumulator.gram
             vectors[number, label] = accumulator.vectors
-    return ClassStatistics(
+    statistics = ClassStatistics(
         model_sha256=opened.loaded.sha256,
         statistics=[statistic_id(layer) for layer in statistic_layers(opened.scan.layers)],
         options=_statistics_options(settings),
@@ -361,14 +398,48 @@ def collect(
         grams=grams,
         vectors=vectors,
     )
+    _write_statistics(statistics, outputs)
+    return statistics
 
 
-def merge(parts: Iterable[str | os.PathLike]) -> ClassStatistics:
-    """Add statistics files collected on shards of the samples of one model."""
-    paths = [str(p) for p in parts]
+def merge(
+    parts: Iterable[PathArgument],
+    *,
+    output: PathArgument | None = None,
+    force: bool = False,
+    report: PathArgument | None = None,
+) -> ClassStatistics:
+    """Add statistics files collected on shards of the samples of one model; `output`
+    writes the sum and `report` its summary as JSON, together."""
+    paths = [Path(p) for p in parts]
     if len(paths) < 2:
         raise InputError("give at least two statistics files to merge")
-    return merge_statistics([load_statistics(p) for p in paths], paths)
+    outputs = {"statistics file": _path(output), REPORT_OUTPUT: _path(report)}
+    check_outputs(outputs, {"a statistics file to merge": paths}, force)
+    statistics = merge_statistics([load_statistics(p) for p in paths], [str(p) for p in paths])
+    _write_statistics(statistics, outputs)
+    return statistics
+
+
+def _write_statistics(statistics: ClassStatistics, outputs: dict[str, Path | None]) -> None:
+    """The statistics file and the JSON summary of it, as one transaction."""
+    path, report = outputs["statistics file"], outputs[REPORT_OUTPUT]
+    with OutputFiles() as files:
+        if path is not None:
+            files.add_file(path, statistics.write)
+        if report is not None:
+            summary = statistics.summary(str(path) if path else None)
+            files.add_text(report, json_text(summary))
+        files.commit()
+
+
+def json_text(document: dict) -> str:
+    """A report as the JSON text written to `--report` files."""
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _path(value: PathArgument | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 @dataclass
@@ -393,23 +464,33 @@ def evaluate(
     reference: str | os.PathLike | onnx.ModelProto | None = None,
     forget_classes: Iterable[int] | None = None,
     members: Samples | None = None,
+    report: PathArgument | None = None,
     **options,
 ) -> Evaluation:
     """Accuracy per class, where forgotten samples go, agreement with `reference`, and —
     with `members` (samples the model was trained on) — the membership-inference share
     of the forgotten classes' member samples, for the model and the reference.
 
-    Forgotten classes default to what the model's metadata records.
+    Forgotten classes default to what the model's metadata records. `report` writes the
+    evaluation as JSON.
     """
     settings = ForgetOptions.from_keywords(**options)
-    opened = _OpenModel.of(model, settings)
+    opened = _OpenModel.of(model, settings, projected=False)
+    other = None if reference is None else _OpenModel.of(reference, settings, projected=False)
+    held_out = opened.samples(samples)
+    inputs = {
+        **(other.inputs if other else {}),
+        **opened.inputs,
+        **_sample_inputs(held_out, settings),
+        "the member samples": _given_paths(members),
+    }
+    check_outputs({REPORT_OUTPUT: _path(report)}, inputs, force=False)
     if forget_classes is None:
         recorded = {p.key: p.value for p in opened.loaded.proto.metadata_props}.get(
             "onnx_forget.forgotten_classes", ""
         )
         forget_classes = [int(c) for c in recorded.split(",") if c]
     classes = sorted({int(c) for c in forget_classes})
-    held_out = opened.samples(samples)
     everything = np.arange(len(held_out))
     scores = opened.scores(opened.runner(opened.loaded.proto), held_out, everything)
     predictions = np.argmax(scores, axis=1)
@@ -423,8 +504,7 @@ def evaluate(
         membership=None,
     )
     models = {"model": (opened, scores)}
-    if reference is not None:
-        other = _OpenModel.of(reference, settings)
+    if other is not None:
         reference_scores = other.scores(other.runner(other.loaded.proto), held_out, everything)
         result.agreement = agreement(scores[kept], reference_scores[kept])
         result.kl_divergence = mean_kl_divergence(scores[kept], reference_scores[kept])
@@ -438,6 +518,10 @@ def evaluate(
             result.membership[name] = _membership(
                 member_scores, member_set.labels, held_scores, held_out.labels, classes
             )
+    if report is not None:
+        with OutputFiles() as files:
+            files.add_text(Path(report), json_text(result.to_dict()))
+            files.commit()
     return result
 
 
@@ -462,6 +546,7 @@ class _Run:
         self.spaces: dict[tuple, SpacePair] = {}
         self.provider: tuple[str, str | None] = ("none (statistics file)", None)
         self.sample_counts: dict = {}
+        self.notes: list[str] = []  # what the report must say the run could not do
 
     def projections(self, alpha_r: float, alpha_f: float) -> Projections:
         """Factored one statistic at a time while the weights are rewritten."""
@@ -485,6 +570,7 @@ class _Run:
             for key in collector.accumulators
         }
         self.provider = (runner.provider, runner.provider_note)
+        samples = len(retain) + len(forget_indices)
         self.sample_counts = {
             "origin": sample_set.origin,
             "retain": len(retain),
@@ -495,11 +581,20 @@ class _Run:
         def both(tensor):
             return np.concatenate([kept[RETAIN][tensor], kept[FORGET][tensor]])
 
+        head_logits = both(head.logits) if head else None
+        count = opened.signature.class_count
+        if head_logits is not None and head_logits.shape != (samples, count):
+            self.notes.append(
+                f"head repair skipped: the head {head.layer.node!r} writes logits of shape "
+                f"[n, {', '.join(map(str, head_logits.shape[1:]))}], not one row of "
+                f"{count} per sample"
+            )
+            head_logits = None
         return {
             "samples": sample_set,
             "indices": np.concatenate([retain, forget_indices]),
             "scores": both(opened.signature.scores_name),
-            "head_logits": both(head.logits) if head else None,
+            "head_logits": head_logits,
         }
 
     def method(self, used) -> str:
@@ -507,6 +602,18 @@ class _Run:
         if used is not None and used["head_logits"] is not None:
             return REPAIR
         return PAPER
+
+    def method_note(self, opened: _OpenModel, used) -> None:
+        """Say why the head repair asked for was not applied."""
+        if self.settings.method != REPAIR or self.method(used) == REPAIR:
+            return
+        if used is None:
+            reason = "a statistics file holds no samples to refit the head with"
+        elif opened.head is None:
+            reason = "no fully connected layer with one output per class feeds the scores"
+        else:
+            return  # the shape of the logits was noted when they were collected
+        self.notes.append(f"head repair skipped: {reason}; the paper's method was applied")
 
     def build(self, opened, alpha_r, alpha_f, used) -> tuple[onnx.ModelProto, list[str]]:
         """The projected model, its head repaired when the method and samples allow."""
@@ -522,10 +629,10 @@ class _Run:
     def _repair_head(self, opened, model: onnx.ModelProto, used: dict) -> onnx.ModelProto:
         """Refit the projected model's head on the samples used (repair.py)."""
         count = opened.signature.class_count
-        head = find_head(model, scan_layers(model), count)
+        head = find_head(model, scan_layers(model), count, opened.signature.scores_name)
         runner = opened.runner(add_taps(model, (head.layer,), opened.signature.scores_name))
         labels = used["samples"].labels[used["indices"]]
-        targets = used["head_logits"].reshape(len(labels), count)
+        targets = used["head_logits"].copy()  # the collected logits serve every α tried
         forgotten = np.isin(labels, self.classes)
         targets[forgotten] = forget_targets(targets[forgotten], self.classes)
         system = HeadSystem(head.layer.d, count, head.bias is not None)
@@ -554,27 +661,41 @@ class _Run:
             "skipped_files": 0,
         }
 
-    def finish(self, opened, alpha_r, alpha_f, destination, used, eval_samples):
-        """Project, rewrite, evaluate, write and verify, report. Evaluating first means a
-        bad --eval-samples file or a Ctrl-C while evaluating leaves no output behind."""
+    def finish(
+        self, opened, alpha_r, alpha_f, destination, used, eval_samples, report_path, tuning=None
+    ):
+        """Project, rewrite, evaluate, then stage and verify the model and the report and
+        rename both into place. Evaluating first means a bad --eval-samples file or a
+        Ctrl-C while evaluating leaves no output behind."""
         with self.timer("rewrite"):
             new_model, copies = self.build(opened, alpha_r, alpha_f, used)
+        self.method_note(opened, used)
         self.spaces = {}  # the Gram matrices are done with: evaluation needs the memory
         with self.timer("evaluate"):
             comparisons, extras = self._compare(opened, new_model, used, eval_samples)
-        with self.timer("save"):
-            if destination is None:
-                verify_model(new_model, opened.loaded.proto)
-            else:
-                save_model_atomically(
-                    new_model,
-                    destination,
-                    needs_external_data(new_model, opened.loaded.has_external_data),
-                    lambda staged: verify_file(staged, opened.loaded.proto),
-                )
+        with OutputFiles() as files:
+            with self.timer("save"):
+                if destination is None:
+                    verify_model(new_model, opened.loaded.proto)
+                else:
+                    files.add_model(
+                        new_model,
+                        destination,
+                        needs_external_data(new_model, opened.loaded.has_external_data),
+                        lambda staged: verify_file(staged, opened.loaded.proto),
+                    )
+            report = self._report(opened, alpha_r, alpha_f, destination, used, copies, tuning)
+            report.comparisons, report.confusion = comparisons, extras.get("confusion")
+            report.membership = extras.get("membership")
+            if report_path is not None:
+                files.add_text(Path(report_path), json_text(report.to_dict()))
+            files.commit()
+        return ForgetResult(new_model, report, destination)
+
+    def _report(self, opened, alpha_r, alpha_f, destination, used, copies, tuning) -> Report:
         options = _options_dict(self.settings)
         options.update(alpha_r=float(alpha_r), alpha_f=float(alpha_f), method=self.method(used))
-        report = Report(
+        return Report(
             model=str(opened.loaded.path) if opened.loaded.path else "(in memory)",
             output=str(destination) if destination else None,
             forgotten_classes=self.classes,
@@ -585,11 +706,10 @@ class _Run:
             skipped_layers=layer_rows(LayerScan((), opened.scan.skipped)),
             copied_weights=copies,
             samples=self.sample_counts,
-            comparisons=comparisons,
             timings=self.timer.seconds,
-            **extras,
+            notes=self.notes,
+            tuning=tuning,
         )
-        return ForgetResult(new_model, report, destination)
 
     def _compare(self, opened, new_model, used, eval_samples):
         """Before/after accuracy on the samples used and on `eval_samples`; with both, the
@@ -683,17 +803,43 @@ def _check_statistics(statistics: ClassStatistics, opened: _OpenModel, classes, 
     return kept
 
 
-def _destination(model_path: Path | None, output, classes: list[int], force: bool) -> Path | None:
-    """Where to write, refusing the input itself and, without `force`, existing files."""
+def _destination(model_path: Path | None, output, classes: list[int]) -> Path | None:
+    """Where to write: `output`, else beside a model given by path, else nowhere."""
     if output is None:
-        if model_path is None:
-            return None
-        output = default_output(model_path, classes)
-    output = Path(output)
-    if model_path is not None and output.resolve() == model_path.resolve():
-        raise InputError(f"{output}: refusing to overwrite the input model")
-    check_new_output(output, force)
-    return output
+        return None if model_path is None else default_output(model_path, classes)
+    return Path(output)
+
+
+def _check_run_outputs(
+    opened: _OpenModel,
+    destination: Path | None,
+    report: PathArgument | None,
+    force: bool,
+    sample_set: SampleSet | None,
+    eval_samples: Samples | None,
+    stats: PathArgument | ClassStatistics | None = None,
+) -> None:
+    """Refuse a forget run's outputs that cannot be written or are one of its inputs."""
+    inputs = {
+        **opened.inputs,
+        **(_sample_inputs(sample_set, opened.settings) if sample_set else {}),
+        "the evaluation samples": _given_paths(eval_samples),
+        "the statistics file": _given_paths(stats),
+    }
+    outputs = {MODEL_OUTPUT: destination, REPORT_OUTPUT: _path(report)}
+    check_outputs(outputs, inputs, force)
+
+
+def _sample_inputs(sample_set: SampleSet, settings: ForgetOptions) -> dict[str, tuple[Path, ...]]:
+    return {
+        "the samples": sample_set.paths,
+        "the class names": _given_paths(settings.class_names),
+    }
+
+
+def _given_paths(value) -> tuple[Path, ...]:
+    """The path among an argument that may also be arrays, names or statistics."""
+    return (Path(value),) if isinstance(value, (str, os.PathLike)) else ()
 
 
 def _choose_sets(
@@ -732,6 +878,8 @@ def _choose_sets(
 def _options_dict(settings: ForgetOptions) -> dict:
     values = dataclasses.asdict(settings)
     values.pop("progress")
+    if isinstance(settings.class_names, os.PathLike):  # a file of names: its path, as text
+        values["class_names"] = str(settings.class_names)
     return values
 
 

@@ -27,3 +27,10 @@ class VerificationError(ForgetError):
     """The rewritten model failed the checker, did not load, or changed its signature."""
 
     exit_code = 4
+
+
+class InstallationError(ForgetError):
+    """The Python environment cannot run onnx-forget as installed (exit 3, as a model
+    onnxruntime cannot run)."""
+
+    exit_code = 3

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
@@ -38,8 +39,16 @@ DIGITS = re.compile(r"[0-9]+")
 # Never follow a link when opening external data (0 where the platform has no such flag).
 OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 LIMIT_HINT = "raise --max-model-bytes if it is meant to be this large"
-# The mode open() gives a new file before the umask (mkstemp's files are owner-only).
+# What onnx's checker raises on a model it rejects; the loader and the verifier both use it.
+CHECKER_ERRORS = (onnx.checker.ValidationError, ValueError, RuntimeError)
+# The mode a new file is created with; the kernel applies the process's umask to it.
 PLAIN_FILE_MODE = 0o666
+# Staged files and folders: hidden, and named so a leftover is recognisable.
+STAGING_PREFIX = ".onnx-forget-"
+# Roles in `check_outputs`: a model's external-data side files go with it; a report may
+# replace an existing file without `force`, as logs do.
+MODEL_OUTPUT = "new model"
+REPORT_OUTPUT = "report"
 
 
 @dataclass
@@ -48,8 +57,12 @@ class LoadedModel:
 
     proto: onnx.ModelProto
     path: Path | None
-    sha256: str
-    has_external_data: bool
+    sha256: str  # the .onnx bytes, then its external data in the order tensors reference it
+    external_files: tuple[Path, ...]  # the external data files read, inside the model's folder
+
+    @property
+    def has_external_data(self) -> bool:
+        return bool(self.external_files)
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,11 @@ def load_model(
     _check_model(str(path) if ranges else data, path)
     _check_types(proto, path)
     _read_external_data(ranges, files, path)
-    return LoadedModel(proto, path, hashlib.sha256(data).hexdigest(), bool(ranges))
+    identity = hashlib.sha256(data)
+    for item in ranges:  # a model is its graph and its weights: both decide its identity
+        identity.update(item.tensor.raw_data)
+    external_files = tuple(dict.fromkeys(path.parent / item.location for item in ranges))
+    return LoadedModel(proto, path, identity.hexdigest(), external_files)
 
 
 def _in_memory(proto: onnx.ModelProto) -> LoadedModel:
@@ -110,7 +127,7 @@ def _in_memory(proto: onnx.ModelProto) -> LoadedModel:
     data = proto.SerializeToString()
     _check_model(data, "in-memory model")
     _check_types(proto, "in-memory model")
-    return LoadedModel(proto, None, hashlib.sha256(data).hexdigest(), False)
+    return LoadedModel(proto, None, hashlib.sha256(data).hexdigest(), ())
 
 
 def _read_model_file(path: Path, max_bytes: int) -> bytes:
@@ -138,14 +155,22 @@ def _read_model_file(path: Path, max_bytes: int) -> bytes:
     return data
 
 
-def _check_model(model: bytes | str, where: Path | str) -> None:
-    """The ONNX checker's verdict as an UnsupportedModelError (exit 3)."""
+def checker_problem(model: onnx.ModelProto | bytes | str) -> str | None:
+    """What the ONNX checker finds wrong with a model (a path, bytes or a proto), or None."""
     try:
         onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError, RuntimeError) as error:
+    except CHECKER_ERRORS as error:
+        return str(error)
+    return None
+
+
+def _check_model(model: bytes | str, where: Path | str) -> None:
+    """The ONNX checker's verdict as an UnsupportedModelError (exit 3)."""
+    problem = checker_problem(model)
+    if problem is not None:
         raise UnsupportedModelError(
-            f"{where}: fails the ONNX checker ({error}); fix or re-export the model"
-        ) from None
+            f"{where}: fails the ONNX checker ({problem}); fix or re-export the model"
+        )
 
 
 def _check_types(proto: onnx.ModelProto, where: Path | str) -> None:
@@ -298,14 +323,68 @@ def _read_external_data(
                 del item.tensor.external_data[:]
 
 
-def check_new_output(path: Path, force: bool) -> None:
-    """Refuse, before any work, an output path that cannot or should not be written."""
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file name")
-    if path.exists() and not force:
-        raise InputError(f"{path}: already exists (use --force to replace it)")
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: output folder does not exist")
+def check_outputs(
+    outputs: Mapping[str, Path | None],
+    inputs: Mapping[str, Iterable[Path]],
+    force: bool,
+) -> None:
+    """Refuse, before any work, an output that cannot be written or would touch an input.
+
+    `outputs` and `inputs` map what a path is ("report", "the samples") to it; the
+    MODEL_OUTPUT also replaces its side files (`side_files`). An output clashes with an
+    input it names through any path, link or hard link, with a file inside an input
+    folder, and with another output. A clash is refused whatever `force` says; `force`
+    only allows replacing an existing file that is no input (a report needs no `force`).
+    """
+    written: list[tuple[str, Path]] = []
+    for role, path in outputs.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, not a file name (the {role})")
+        if not path.parent.is_dir():
+            raise InputError(f"{path.parent}: folder of the {role} does not exist")
+        if path.exists() and not (force or role == REPORT_OUTPUT):
+            raise InputError(f"{path}: already exists (use --force to replace it)")
+        replaced = [path, *side_files(path)] if role == MODEL_OUTPUT else [path]
+        for target in replaced:
+            for other_role, other in [*written, *_inputs(inputs)]:
+                if _same_or_inside(target, other):
+                    raise InputError(
+                        f"{path}: the {role} would overwrite {other_role} ({other}); "
+                        "write it somewhere else"
+                    )
+        written += [(f"the {role}", target) for target in replaced]
+
+
+def _inputs(inputs: Mapping[str, Iterable[Path]]) -> Iterator[tuple[str, Path]]:
+    for role, paths in inputs.items():
+        for path in paths:
+            yield role, Path(path)
+
+
+def _same_or_inside(output: Path, other: Path) -> bool:
+    """Whether writing `output` could change `other`: the same file by any name, or a file
+    inside the folder `other`."""
+    target, resolved = output.resolve(), other.resolve()
+    if target == resolved or (resolved.is_dir() and target.is_relative_to(resolved)):
+        return True
+    try:
+        return os.path.samefile(output, other)
+    except OSError:  # either does not exist (yet): no hard link can join them
+        return False
+
+
+def side_files(path: Path) -> list[Path]:
+    """The external-data files beside a model output, as this tool names them:
+    `<name>.data`, or `<name>.<12 hex digits>.data` when it replaced an existing pair."""
+    pattern = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{12})?\.data")
+    plain = path.with_name(path.name + ".data")
+    try:
+        found = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        found = []
+    return sorted({plain, *found})
 
 
 def needs_external_data(model: onnx.ModelProto, loaded_with_external: bool) -> bool:
@@ -313,29 +392,58 @@ def needs_external_data(model: onnx.ModelProto, loaded_with_external: bool) -> b
     return loaded_with_external or model.ByteSize() > PROTOBUF_LIMIT
 
 
-def save_model_atomically(
-    model: onnx.ModelProto,
-    path: Path,
-    external_data: bool,
-    check: Callable[[Path], None],
-) -> None:
-    """Write `model` to `path` through a temporary folder beside it, check it, then rename.
+@dataclass
+class _Move:
+    staged: Path
+    destination: Path
+    undo: bool  # remove the destination again if the commit stops before its pair lands
+    landed: bool = False
 
-    Nothing but the finished, checked file (and its `.data` side file) ever appears at the
-    destination; a failure or Ctrl-C leaves the folder as it was.
+
+class OutputFiles:
+    """A run's outputs, staged beside their destinations and renamed into place together.
+
+    Nothing appears at a destination before `commit`. Leaving the block without it (an
+    error, a failed check, Ctrl-C) removes every staged file. `commit` renames a model's
+    external data first, then the model, then the other files in the order added; a model
+    replacing an existing pair writes its data under a fresh name, so the old `.onnx` reads
+    its old data until the new `.onnx` replaces it in one rename.
     """
-    folder = path.parent
-    if not folder.is_dir():
-        raise InputError(f"{folder}: output folder does not exist")
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=".onnx-forget-", dir=folder))
-    except OSError as error:
-        raise InputError(f"{folder}: cannot write the output there ({error.strerror})") from None
-    try:
+
+    def __init__(self):
+        self._moves: list[_Move] = []
+        self._staging: list[Path] = []
+        self._obsolete: list[Path] = []
+
+    def __enter__(self) -> OutputFiles:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        for move in self._moves:
+            if move.landed and move.undo:
+                move.destination.unlink(missing_ok=True)
+        for staged in self._staging:
+            if staged.is_dir():
+                shutil.rmtree(staged, ignore_errors=True)
+            else:
+                staged.unlink(missing_ok=True)
+
+    def add_model(
+        self,
+        model: onnx.ModelProto,
+        path: Path,
+        external_data: bool,
+        check: Callable[[Path], None],
+    ) -> None:
+        """Write `model` (and its external data) into a staging folder beside `path`, then
+        `check` the staged file."""
+        staging = self._staged(
+            path.parent, lambda prefix: Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        )
         staged = staging / path.name
-        data_name = path.name + ".data"
+        data_name = _data_name(path) if external_data else None
         try:
-            if external_data:
+            if data_name is not None:
                 copy = onnx.ModelProto()
                 copy.CopyFrom(model)
                 onnx.save_model(
@@ -352,34 +460,64 @@ def save_model_atomically(
         except ValueError as error:
             raise UnsupportedModelError(f"{path}: cannot serialise the model ({error})") from None
         check(staged)
-        if external_data:
-            os.replace(staging / data_name, folder / data_name)
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if data_name is not None:
+            self._moves.append(_Move(staging / data_name, path.parent / data_name, True))
+        self._moves.append(_Move(staged, path, False))
+        self._obsolete += [p for p in side_files(path) if p.name != data_name]
+
+    def add_file(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
+        """Stage a file beside `path` written by `write`."""
+
+        def create(prefix: str) -> Path:
+            staged = path.parent / f"{prefix}{secrets.token_hex(8)}"
+            # The kernel applies the umask to PLAIN_FILE_MODE, as for any new file.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            os.close(os.open(staged, flags | getattr(os, "O_NOFOLLOW", 0), PLAIN_FILE_MODE))
+            return staged
+
+        staged = self._staged(path.parent, create)
+        try:
+            with staged.open("r+b") as stream:
+                write(stream)
+        except OSError as error:
+            raise InputError(f"{path}: cannot write it ({error.strerror})") from None
+        self._moves.append(_Move(staged, path, False))
+
+    def add_text(self, path: Path, text: str) -> None:
+        self.add_file(path, lambda stream: stream.write(text.encode()))
+
+    def _staged(self, folder: Path, create: Callable[[str], Path]) -> Path:
+        if not folder.is_dir():
+            raise InputError(f"{folder}: output folder does not exist")
+        try:
+            staged = create(STAGING_PREFIX)
+        except OSError as error:
+            raise InputError(f"{folder}: cannot write there ({error.strerror})") from None
+        self._staging.append(staged)
+        return staged
+
+    def commit(self) -> None:
+        """Rename every staged file into place, then remove what the new model replaced."""
+        for move in self._moves:
+            os.replace(move.staged, move.destination)
+            move.landed = True
+            if not move.undo:  # a model landed: its data is no longer an orphan
+                for earlier in self._moves:
+                    earlier.undo = False
+        for path in self._obsolete:
+            path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _data_name(path: Path) -> str:
+    """`<name>.data`, or a fresh name while an existing `<name>` may still read that file."""
+    plain = path.name + ".data"
+    if path.exists() and (path.parent / plain).exists():
+        return f"{path.name}.{secrets.token_hex(6)}.data"
+    return plain
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file beside it and a rename."""
-    write_bytes_atomically(path, lambda stream: stream.write(text.encode()))
-
-
-def write_bytes_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call `write` on a temporary file beside `path`, then rename it into place."""
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: folder does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=".onnx-forget-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.chmod(temporary, PLAIN_FILE_MODE & ~_umask())  # mkstemp makes it owner-only
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def write_file_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write one file through a staged file beside it and a rename."""
+    with OutputFiles() as outputs:
+        outputs.add_file(path, write)
+        outputs.commit()

@@ -17,7 +17,7 @@ import onnx
 import scipy.linalg
 
 from .errors import UnsupportedModelError
-from .layers import OUT_IN, Head
+from .layer_scan import OUT_IN, Head
 from .rewrite import WEIGHT_INPUT, WeightEditor
 
 # Ridge strength relative to the mean feature energy (trace / K): enough to keep the solve

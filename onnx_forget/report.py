@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .evaluate import Accuracy
-from .layers import Layer, LayerScan
+from .layer_scan import Layer, LayerScan
+from .metrics import Accuracy
 
 REPORT_FORMAT = 1
 
@@ -38,6 +38,8 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     confusion: dict[int, dict[int, int]] | None = None  # forgotten class -> predicted counts
     membership: dict[str, float] | None = None  # attack's member share, before and after
+    notes: list[str] = field(default_factory=list)  # what the run could not do, and why
+    tuning: list[dict] | None = None  # the α grid of a search: one dict per point
 
     def to_dict(self) -> dict:
         return {
@@ -55,7 +57,9 @@ class Report:
             "accuracy": {c.name: _comparison_dict(c) for c in self.comparisons},
             "confusion": self.confusion,
             "membership": self.membership,
+            "notes": self.notes,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            **({"tuning": {"grid": self.tuning}} if self.tuning is not None else {}),
         }
 
     def format(self) -> str:
@@ -78,6 +82,7 @@ class Report:
             ),
             f"provider   {self.provider}"
             + (f" ({self.provider_note})" if self.provider_note else ""),
+            *(f"note       {note}" for note in self.notes),
         ]
         for comparison in self.comparisons:
             lines += ["", *accuracy_table(comparison, self.forgotten_classes)]

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import CONV, IN_OUT, OUT_IN, Layer, WeightSource, node_names, reshape_target
+from .layer_scan import CONV, IN_OUT, OUT_IN, Layer, WeightSource, node_names, reshape_target
 from .subspace import Projection
 
 WEIGHT_INPUT = 1  # Conv, Gemm and MatMul all read their weight as input 1

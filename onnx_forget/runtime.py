@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from onnx import helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from .errors import InputError, UnsupportedModelError
+from .modelio import all_tensors
 from .statistics import GramProducts, numpy_gram
 
 CPU = "CPUExecutionProvider"
@@ -29,8 +31,7 @@ CUDA_OPTIONS = {
     # the same inputs must give the same bytes on every run.
     "cudnn_conv_algo_search": "HEURISTIC",
 }
-# onnxruntime's own log levels: 3 = errors only, 4 = fatal only.
-ORT_QUIET = 3
+# onnxruntime's own log level for our sessions: 4 = fatal only (its errors become ours).
 ORT_SILENT = 4
 # The small models this module builds: old enough for any onnxruntime it supports.
 HELPER_OPSET = 13
@@ -50,8 +51,23 @@ ORT_ERRORS = (
     RuntimeError,
     ValueError,
 )
-
-ort.set_default_logger_severity(ORT_QUIET)
+# How onnxruntime names the newest IR version it reads when a model is newer.
+NEWEST_IR_MESSAGE = re.compile(r"max supported IR version: ([0-9]+)")
+# The IR version that introduced each element type newer than IR 4 (onnx.proto's history),
+# by element type number; types this onnx does not define are left out.
+TYPE_IR_VERSIONS = {
+    getattr(onnx.TensorProto, name): version
+    for version, names in {
+        9: ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ"),
+        10: ("UINT4", "INT4"),
+        11: ("FLOAT4E2M1",),
+        12: ("FLOAT8E8M0",),
+        13: ("UINT2", "INT2"),
+        14: ("FLOAT6E2M3", "FLOAT6E3M2"),
+    }.items()
+    for name in names
+    if hasattr(onnx.TensorProto, name)
+}
 
 
 @dataclass
@@ -204,7 +220,7 @@ def open_runner(
     input_name: str,
 ) -> Runner:
     """Start a session on the requested device; `auto` uses CUDA only if it really starts."""
-    payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    payload = session_payload(model) if isinstance(model, onnx.ModelProto) else model
     options = _session_options()
 
     def cpu_session() -> ort.InferenceSession:
@@ -255,19 +271,90 @@ def cuda_starts() -> bool:
     """Whether onnxruntime's CUDA provider really starts here (asked once per process).
 
     A CUDA build lists the provider even where its libraries or the GPU are missing; the
-    only test is to start a session, with onnxruntime's own logging silenced meanwhile.
+    only test is to start a session.
     """
     if CUDA not in ort.get_available_providers():
         return False
-    ort.set_default_logger_severity(ORT_SILENT)
     try:
-        probe = ort.InferenceSession(_probe_model(), **session_providers(CUDA))
-        started = probe.get_providers()[0] == CUDA
+        probe = ort.InferenceSession(_probe_model(), _quiet(), **session_providers(CUDA))
+        return probe.get_providers()[0] == CUDA
     except ORT_ERRORS:
-        started = False
-    finally:
-        ort.set_default_logger_severity(ORT_QUIET)
-    return started
+        return False
+
+
+def quiet_onnxruntime() -> None:
+    """For the command line only: onnxruntime logs nothing to stderr, where each error is
+    one line of ours. A library user's process keeps its own setting."""
+    ort.set_default_logger_severity(ORT_SILENT)
+
+
+@functools.cache
+def newest_ir_version() -> int:
+    """The newest ONNX IR version this onnxruntime reads (asked once per process)."""
+    probe = onnx.ModelProto()
+    probe.ParseFromString(_probe_model())
+    probe.ir_version = onnx.IR_VERSION
+    try:
+        ort.InferenceSession(probe.SerializeToString(), _quiet(), providers=[CPU])
+    except ORT_ERRORS as error:
+        found = NEWEST_IR_MESSAGE.search(str(error))
+        if found:
+            return int(found.group(1))
+    return onnx.IR_VERSION
+
+
+def session_payload(model: onnx.ModelProto) -> bytes:
+    """The model's bytes as onnxruntime is given them.
+
+    A model saved with a newer IR version than onnxruntime reads, but using nothing that
+    version added, runs with its IR version lowered; the model itself keeps its own.
+    """
+    data = model.SerializeToString()
+    return data + ir_override(model)
+
+
+def ir_override(model: onnx.ModelProto) -> bytes:
+    """Bytes that, appended to the serialised model, lower its IR version to what
+    onnxruntime reads (nothing when it already does).
+
+    Protobuf merges concatenated messages, the last value of a field winning, so the
+    model itself is neither copied nor changed.
+    """
+    readable = newest_ir_version()
+    if model.ir_version <= readable:
+        return b""
+    newer = _newer_than(model, readable)
+    if newer:
+        raise UnsupportedModelError(
+            f"the model has IR version {model.ir_version} and uses {newer}, but onnxruntime "
+            f"{ort.__version__} reads IR {readable} at most; upgrade onnxruntime"
+        )
+    return onnx.ModelProto(ir_version=readable).SerializeToString()
+
+
+def _newer_than(model: onnx.ModelProto, ir_version: int) -> str | None:
+    """What the model uses that IR `ir_version` lacks: an opset or an element type."""
+    newest_opset = max(row[2] for row in helper.VERSION_TABLE if row[1] <= ir_version)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest_opset:
+            return f"opset {opset.version}"
+    types = [tensor.data_type for tensor in all_tensors(model)]
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        types.append(value.type.tensor_type.elem_type)
+    for node in graph.node:
+        types += [a.i for a in node.attribute if a.name == "to" and a.type == a.INT]
+    for data_type in types:
+        if TYPE_IR_VERSIONS.get(data_type, 0) > ir_version:
+            return f"element type {onnx.TensorProto.DataType.Name(data_type)}"
+    return None
+
+
+def _quiet() -> ort.SessionOptions:
+    """Options of a probe session: its failure is an answer, not a message."""
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_SILENT
+    return options
 
 
 def _probe_model() -> bytes:

@@ -33,6 +33,8 @@ ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplemente
 # Folder names taken as class indices must fit the int64 labels with room to spare.
 MAX_CLASS_INDEX = 2**31 - 1
 SAMPLE_LIMIT_HINT = "raise --max-sample-bytes if it is meant to be this large"
+IN_MEMORY = "arrays"  # the origin of samples given as arrays
+ClassNames = Sequence[str] | str | os.PathLike  # the names, or a file of one name a line
 
 
 @dataclass
@@ -48,6 +50,13 @@ class SampleSet:
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     image_format: ImageFormat | None = None
     max_file_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """What a run reads the samples from: the folder and its files, or the `.npz`."""
+        if self.files is not None:
+            return (Path(self.origin), *self.files)
+        return () if self.origin == IN_MEMORY else (Path(self.origin),)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -180,7 +189,7 @@ def open_samples(
     source: str | os.PathLike | tuple[np.ndarray, np.ndarray],
     signature: Signature,
     preprocessing: Preprocessing,
-    class_names: Sequence[str] | None = None,
+    class_names: ClassNames | None = None,
     max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> SampleSet:
     """Open a class-per-folder tree, a `.npz` with `x` and `y`, or `(x, y)` arrays.
@@ -190,12 +199,13 @@ def open_samples(
     sample_shape = signature.input_shape[1:]
     if isinstance(source, tuple):
         x, y = source
-        return _array_set(np.asarray(x), np.asarray(y), "arrays", sample_shape, signature)
+        return _array_set(np.asarray(x), np.asarray(y), IN_MEMORY, sample_shape, signature)
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _folder_set(path, signature, preprocessing, class_names, max_bytes)
+        names = read_class_names(class_names, max_bytes)
+        return _folder_set(path, signature, preprocessing, names, max_bytes)
     if not path.is_file() or path.suffix.lower() != ".npz":
         raise InputError(f"{path}: samples must be a folder or a .npz file")
     _check_size(path, max_bytes)
@@ -296,6 +306,21 @@ def _folder_set(
         image_format=image_format(signature, preprocessing),
         max_file_bytes=max_bytes,
     )
+
+
+def read_class_names(names: ClassNames | None, max_bytes: int) -> Sequence[str] | None:
+    """Class names as given, or read from a file of one name a line (blank lines skipped)."""
+    if not isinstance(names, (str, os.PathLike)):
+        return names
+    path = Path(names)
+    try:
+        if not path.is_file():
+            raise InputError(f"{path}: class names file not found")
+        _check_size(path, max_bytes)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read the class names ({error})") from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _entries(folder: Path) -> list[Path]:

@@ -14,14 +14,16 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from .errors import InputError
-from .layers import Layer
-from .modelio import write_bytes_atomically
+from .layer_scan import Layer
+from .modelio import write_file_atomically
 
 FORMAT_VERSION = 1
+SIZES = ("d", "groups")  # what every statistic of the header must give as positive ints
 
 
 def statistic_id(layer: Layer) -> dict:
@@ -63,6 +65,10 @@ class ClassStatistics:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the `.npz` through a temporary file and a rename."""
+        write_file_atomically(Path(path), self.write)
+
+    def write(self, stream: BinaryIO) -> None:
+        """The `.npz` bytes, into an open binary file."""
         header = {
             "format": FORMAT_VERSION,
             "model_sha256": self.model_sha256,
@@ -74,32 +80,51 @@ class ClassStatistics:
         for (statistic, label), gram in self.grams.items():
             arrays[f"gram_{statistic}_{label}"] = _upper_triangle(gram)
             arrays[f"vectors_{statistic}_{label}"] = np.array(self.vectors[statistic, label])
-        write_bytes_atomically(Path(path), lambda stream: np.savez(stream, **arrays))
+        np.savez(stream, **arrays)
 
 
 def load_statistics(path: str | os.PathLike) -> ClassStatistics:
-    """Read a statistics file without unpickling anything."""
+    """Read a statistics file without unpickling anything; any malformed part is an
+    InputError naming the file."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
-            header = json.loads(str(archive["header"]))
-            if header.get("format") != FORMAT_VERSION:
-                raise InputError(
-                    f"{path}: statistics format {header.get('format')!r}, this version reads "
-                    f"{FORMAT_VERSION}; collect them again"
-                )
+            header = _header(json.loads(str(archive["header"])), path)
             samples = {int(c): int(n) for c, n in header["samples"].items()}
             keys = [(i, c) for i in range(len(header["statistics"])) for c in samples]
             grams = {
-                (i, c): _symmetric(archive[f"gram_{i}_{c}"], header["statistics"][i]["d"])
+                (i, c): _symmetric(archive[f"gram_{i}_{c}"], header["statistics"][i])
                 for i, c in keys
             }
             vectors = {(i, c): int(archive[f"vectors_{i}_{c}"]) for i, c in keys}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
         raise InputError(f"{path}: not a readable statistics file ({error})") from None
     return ClassStatistics(
         header["model_sha256"], header["statistics"], header["options"], samples, grams, vectors
     )
+
+
+def _header(header, path: Path) -> dict:
+    """The header, once every field has the type `save` writes."""
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    if header.get("format") != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: statistics format {header.get('format')!r}, this version reads "
+            f"{FORMAT_VERSION}; collect them again"
+        )
+    expected = {"model_sha256": str, "statistics": list, "options": dict, "samples": dict}
+    for key, kind in expected.items():
+        if not isinstance(header.get(key), kind):
+            raise ValueError(f"header field {key!r} is missing or not a {kind.__name__}")
+    for statistic in header["statistics"]:
+        sizes = [statistic.get(key) if isinstance(statistic, dict) else None for key in SIZES]
+        if not all(isinstance(size, int) and size > 0 for size in sizes):
+            raise ValueError("a statistic lacks a positive 'd' or 'groups'")
+    for label, count in header["samples"].items():
+        if not (label.isdigit() and isinstance(count, int) and count >= 0):
+            raise ValueError("'samples' must map class indices to counts")
+    return header
 
 
 def merge_statistics(parts: list[ClassStatistics], origins: list[str]) -> ClassStatistics:
@@ -128,10 +153,13 @@ def _upper_triangle(grams: np.ndarray) -> np.ndarray:
     return grams[:, rows, columns]
 
 
-def _symmetric(packed: np.ndarray, d: int) -> np.ndarray:
-    """Undo `_upper_triangle`."""
+def _symmetric(packed: np.ndarray, statistic: dict) -> np.ndarray:
+    """Undo `_upper_triangle` for a statistic of `groups` matrices `[d, d]`."""
+    groups, d = statistic["groups"], statistic["d"]
+    if packed.shape != (groups, d * (d + 1) // 2):
+        raise ValueError(f"an array of shape {list(packed.shape)} where {groups} x {d} x {d} go")
     rows, columns = np.triu_indices(d)
-    grams = np.zeros((packed.shape[0], d, d), dtype=np.float64)
+    grams = np.zeros((groups, d, d), dtype=np.float64)
     grams[:, rows, columns] = packed
     grams[:, columns, rows] = packed
     return grams

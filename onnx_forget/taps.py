@@ -7,9 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .layers import Layer
-
-G_LOGGER.severity = G_LOGGER.ERROR
+from .layer_scan import Layer
 
 
 def add_taps(
@@ -24,17 +22,18 @@ def add_taps(
     A Conv/Gemm/MatMul input has the same element type as its weight, which gives each tap
     its dtype without shape inference.
     """
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
-    graph.outputs = [tensors[scores_name]]
-    wanted = [(layer.input, layer.weight_dtype) for layer in layers] + list(also)
-    for name, dtype in wanted:
-        tap = tensors[name]
-        if tap not in graph.outputs:
-            if tap.dtype is None:
-                tap.dtype = dtype
-            graph.outputs.append(tap)
-    tapped = gs.export_onnx(graph, do_type_check=False)
+    with G_LOGGER.suppress(G_LOGGER.ERROR):  # its warnings are about the exporter's names
+        graph = gs.import_onnx(model)
+        tensors = graph.tensors()
+        graph.outputs = [tensors[scores_name]]
+        wanted = [(layer.input, layer.weight_dtype) for layer in layers] + list(also)
+        for name, dtype in wanted:
+            tap = tensors[name]
+            if tap not in graph.outputs:
+                if tap.dtype is None:
+                    tap.dtype = dtype
+                graph.outputs.append(tap)
+        tapped = gs.export_onnx(graph, do_type_check=False)
     tapped.ir_version = model.ir_version
     del tapped.opset_import[:]
     tapped.opset_import.extend(model.opset_import)

@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 
 import onnx_forget
-from onnx_forget.layers import scan_layers
+from onnx_forget.layer_scan import scan_layers
 from onnx_forget.rewrite import rewrite_model
 from onnx_forget.subspace import SpacePair
 from tests import models

@@ -13,7 +13,7 @@ from onnx import TensorProto, numpy_helper
 
 import onnx_forget
 from onnx_forget.errors import InputError, VerificationError
-from onnx_forget.modelio import save_model_atomically
+from onnx_forget.modelio import OutputFiles
 from tests import models
 from tests.models import ON_CPU, float_weights, largest_relative_difference
 
@@ -149,7 +149,7 @@ def test_failed_check_leaves_no_file_behind(tmp_path):
         raise VerificationError("simulated")
 
     with pytest.raises(VerificationError):
-        save_model_atomically(onnx.load(CNN), tmp_path / "out.onnx", False, failing_check)
+        _save_model(onnx.load(CNN), tmp_path / "out.onnx", False, failing_check)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -195,3 +195,83 @@ def test_second_round_accumulates_the_history(tmp_path):
     history = json.loads(props["onnx_forget.history"])
     assert [run["forgotten_classes"] for run in history] == [[3], [5]]
     assert history[1]["source_sha256"] == hashlib.sha256(first.output.read_bytes()).hexdigest()
+
+
+def _save_model(model, path, external_data, check) -> None:
+    """Stage, check and commit one model, as a forget run writes its output."""
+    with OutputFiles() as files:
+        files.add_model(model, path, external_data, check)
+        files.commit()
+
+
+def test_tune_writes_the_model_forget_writes_at_the_best_alphas(tmp_path):
+    """Grid points share the collected head logits without changing them: the model tune
+    writes is byte for byte the one forget writes at the chosen α."""
+    grid = {"alpha_r_grid": (30, 100), "alpha_f_grid": (3, 10)}
+    tuned = onnx_forget.tune(
+        CNN, 3, SAMPLES, eval_samples=HELD_OUT, output=tmp_path / "tuned.onnx", **grid, **SMALL
+    )
+    onnx_forget.forget(
+        CNN,
+        3,
+        SAMPLES,
+        eval_samples=HELD_OUT,
+        output=tmp_path / "forget.onnx",
+        alpha_r=tuned.best["alpha_r"],
+        alpha_f=tuned.best["alpha_f"],
+        **SMALL,
+    )
+    assert (tmp_path / "tuned.onnx").read_bytes() == (tmp_path / "forget.onnx").read_bytes()
+
+
+def _token_head_model() -> onnx.ModelProto:
+    """Tokens `[N, 4, 6]` -> MatMul by `[6, 3]` -> `[N, 4, 3]` -> mean over tokens -> scores:
+    the only layer with one output per class writes four rows per sample."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "head_w")
+    nodes = [
+        onnx.helper.make_node("MatMul", ["tokens", "head_w"], ["token_logits"], name="head"),
+        onnx.helper.make_node("ReduceMean", ["token_logits"], ["scores"], axes=[1], keepdims=0),
+    ]
+    return models.make_model(
+        nodes,
+        [onnx.helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", 4, 6])],
+        [onnx.helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+        [weight],
+    )
+
+
+def test_token_wise_head_is_projected_without_repair_and_says_so():
+    """Logits `[N, T, C]` cannot be refitted row by sample: the paper's method, and a note."""
+    model = _token_head_model()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 4, 6)).astype(np.float32)
+    y = np.argmax(_scores(model, x), axis=1)
+    result = onnx_forget.forget(model, 1, (x, y), retain_per_class=20, forget_samples=20)
+    assert result.report.options["method"] == "paper"
+    assert any(
+        "head repair skipped" in note and "[n, 4, 3]" in note for note in result.report.notes
+    )
+    assert "head repair skipped" in result.report.format()
+
+
+def _scores(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_evaluate_runs_a_model_without_projectable_layers():
+    """A Softmax over its input: nothing to forget, everything to evaluate."""
+    softmax = models.make_model(
+        [onnx.helper.make_node("Softmax", ["x"], ["probabilities"], axis=1)],
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4])],
+        [],
+    )
+    x = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 1]] * 5
+    y = np.array([0, 1, 2, 3, 2])
+    evaluation = onnx_forget.evaluate(softmax, (x, y))
+    assert evaluation.accuracy.retain == pytest.approx(80.0)
+    assert evaluation.accuracy.per_class == {0: 100.0, 1: 100.0, 2: 50.0, 3: 100.0}

@@ -34,7 +34,7 @@ from PIL import Image
 import onnx_forget
 from onnx_forget import runtime
 from onnx_forget.errors import InputError, UnsupportedModelError
-from onnx_forget.modelio import load_model, save_model_atomically
+from onnx_forget.modelio import OutputFiles, load_model
 from tests import models
 from tests.conftest import CLI_TIMEOUT_S, MODEL, SAMPLES, listing, run_cli, sha256
 
@@ -848,7 +848,7 @@ def test_failure_inside_the_writer_leaves_no_file(
     """Disk full or Ctrl-C while the model is being written: no partial file remains."""
     monkeypatch.setattr(onnx, "save_model", writer)
     with pytest.raises(error):
-        save_model_atomically(_fixture(), tmp_path / "out.onnx", external_data, lambda p: None)
+        _save_model(_fixture(), tmp_path / "out.onnx", external_data, lambda p: None)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -860,7 +860,7 @@ def test_ctrl_c_while_checking_the_written_file_leaves_no_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        save_model_atomically(_fixture(), tmp_path / "out.onnx", True, interrupted)
+        _save_model(_fixture(), tmp_path / "out.onnx", True, interrupted)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -992,3 +992,10 @@ def test_same_inputs_and_seed_give_a_byte_identical_model(tmp_path, model):
         process = run_cli(*_forget(model.name), "--seed", "7", "-o", name, "-q", cwd=tmp_path)
         assert process.returncode == 0, process.stderr
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def _save_model(model, path, external_data, check) -> None:
+    """Stage, check and commit one model, as a forget run writes its output."""
+    with OutputFiles() as files:
+        files.add_model(model, path, external_data, check)
+        files.commit()

@@ -10,7 +10,7 @@ import pytest
 import scipy.special
 
 import onnx_forget
-from onnx_forget.evaluate import membership_attack
+from onnx_forget.metrics import membership_attack
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CNN = FIXTURES / "mnist_cnn.onnx"

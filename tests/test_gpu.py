@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import onnx_forget
-from onnx_forget.layers import scan_layers
+from onnx_forget.layer_scan import scan_layers
 from onnx_forget.runtime import CPU, CUDA, cuda_starts, onnxruntime_gram, open_runner
 from onnx_forget.statistics import StatisticsCollector
 from onnx_forget.taps import add_taps

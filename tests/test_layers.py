@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_forget.layers import CONV, IN_OUT, OUT_IN, scan_layers
+from onnx_forget.layer_scan import CONV, IN_OUT, OUT_IN, scan_layers
 from onnx_forget.rewrite import rewrite_model
 from tests import models
 from tests.models import by_matrix

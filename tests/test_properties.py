@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnx_forget.errors import InputError
-from onnx_forget.layers import CONV, IN_OUT, scan_layers
+from onnx_forget.layer_scan import CONV, IN_OUT, scan_layers
 from onnx_forget.options import Preprocessing
 from onnx_forget.rewrite import rewrite_model
 from onnx_forget.samples import open_samples

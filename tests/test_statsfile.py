@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +97,42 @@ def test_statistics_file_is_never_unpickled(tmp_path):
     np.savez(tmp_path / "evil.npz", header=np.array([{"format": 1}], dtype=object))
     with pytest.raises(InputError, match="not a readable statistics file"):
         load_statistics(tmp_path / "evil.npz")
+
+
+def _header_variants(good: dict) -> dict[str, object]:
+    """Headers that parse as JSON but are not what `save` writes."""
+    first, *rest = good["statistics"]
+    return {
+        "a-list": [1, 2],
+        "no-samples": {k: v for k, v in good.items() if k != "samples"},
+        "samples-not-counts": {**good, "samples": {"3": "many"}},
+        "samples-not-classes": {**good, "samples": {"cat": 3}},
+        "statistic-without-d": {**good, "statistics": [{"groups": 1}]},
+        "statistic-of-size-zero": {**good, "statistics": [{**first, "d": 0}]},
+        "wrong-d": {**good, "statistics": [{**first, "d": first["d"] + 1}, *rest]},
+        "model-not-text": {**good, "model_sha256": 7},
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["a-list", "no-samples", "samples-not-counts", "samples-not-classes", "statistic-without-d",
+     "statistic-of-size-zero", "wrong-d", "model-not-text"],
+)  # fmt: skip
+def test_malformed_statistics_header_is_a_usage_error(tmp_path, digits, variant):
+    """Any header `save` would not write is exit 2 naming the file, never an internal error."""
+    onnx_forget.collect(CNN, digits, classes=[3, 4]).save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz") as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    good = json.loads(str(arrays["header"]))
+    arrays["header"] = np.array(json.dumps(_header_variants(good)[variant]))
+    np.savez(tmp_path / "bad.npz", **arrays)
+    process = subprocess.run(
+        [sys.executable, "-m", "onnx_forget", CNN, "--forget-class", "3", "--stats",
+         tmp_path / "bad.npz", "-o", tmp_path / "out.onnx"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.startswith("onnx-forget: error: ") and "bad.npz" in process.stderr
+    assert len(process.stderr.splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()

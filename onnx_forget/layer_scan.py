@@ -98,11 +98,13 @@ class _GraphIndex:
         self.initializers = {t.name: t for t in graph.initializer}
         self.producer = {}
         self.consumers = Counter()
+        self.readers: dict[str, list[int]] = {}  # tensor -> indices of the nodes reading it
         for index, node in enumerate(graph.node):
             for name in node.output:
                 self.producer[name] = index
             for name in node.input:
                 self.consumers[name] += 1
+                self.readers.setdefault(name, []).append(index)
         for output in graph.output:
             self.consumers[output.name] += 1
         self.node_by_name = dict(zip(self.names, graph.node))
@@ -138,6 +140,20 @@ class _GraphIndex:
                 return "weight is reshaped to a run-time shape"
             chain.append(self.names[index])
             name = node.input[0]
+
+    def reaches(self, start: str, goal: str) -> bool:
+        """Whether tensor `goal` is computed from tensor `start`."""
+        seen, frontier = {start}, [start]
+        while frontier:
+            name = frontier.pop()
+            if name == goal:
+                return True
+            for reader in self.readers.get(name, ()):
+                for output in self.graph.node[reader].output:
+                    if output and output not in seen:
+                        seen.add(output)
+                        frontier.append(output)
+        return False
 
     def is_exclusive(self, source: WeightSource) -> bool:
         """True when the stored weight and its chain feed one consumer and nothing else."""
@@ -287,18 +303,23 @@ class Head:
     bias_shared: bool = False
 
 
-def find_head(model: onnx.ModelProto, scan: LayerScan, class_count: int) -> Head | None:
-    """The last fully connected layer with `class_count` outputs, in graph order."""
+def find_head(
+    model: onnx.ModelProto, scan: LayerScan, class_count: int, scores_name: str
+) -> Head | None:
+    """The last fully connected layer with `class_count` outputs whose output reaches the
+    scores, in graph order. Its logits may still hold more than one row per sample (a
+    token-wise head): the caller checks their shape."""
+    index = _GraphIndex(model.graph)
     heads = [
         layer
         for layer in scan.layers
         if layer.orientation != CONV
         and layer.weight_shape[0 if layer.orientation == OUT_IN else 1] == class_count
+        and index.reaches(index.node_by_name[layer.node].output[0], scores_name)
     ]
     if not heads:
         return None
     layer = heads[-1]
-    index = _GraphIndex(model.graph)
     node = index.node_by_name[layer.node]
     if node.op_type == "Gemm":
         if len(node.input) > 2 and node.input[2]:
@@ -307,11 +328,7 @@ def find_head(model: onnx.ModelProto, scan: LayerScan, class_count: int) -> Head
                 shared = not index.is_exclusive(bias)
                 return Head(layer, node.output[0], bias, layer.node, 2, shared)
         return Head(layer, node.output[0])
-    readers = [
-        (name, other)
-        for name, other in zip(index.names, model.graph.node)
-        if node.output[0] in other.input
-    ]
+    readers = [(index.names[i], model.graph.node[i]) for i in index.readers.get(node.output[0], ())]
     if len(readers) == 1 and readers[0][1].op_type == "Add":
         name, add = readers[0]
         position = 1 - list(add.input).index(node.output[0])
