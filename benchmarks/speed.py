@@ -449,7 +449,8 @@ def memory_bound(model: Path, x, args) -> dict[str, float]:
     """Issue 6's memory budget in MiB: the model file, one batch of tapped outputs and the
     retain and forget Gram matrices of every statistic."""
     grams = {
-        layer.statistic_key: layer.groups * layer.d**2 for layer in onnx_forget.layers(model).layers
+        layer.statistic_key: layer.groups * layer.input_size**2
+        for layer in onnx_forget.layers(model).layers
     }
     proto = onnx.load(str(model))
     names = list(dict.fromkeys(layer.input for layer in baseline_layers(proto)))

@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # what editors and type checkers see
         merge,
         tune,
     )
+    from .gram_file import ClassStatistics, load_statistics
     from .options import ForgetOptions, Preprocessing
-    from .statsfile import ClassStatistics, load_statistics
 
 # Public name -> the module defining it.
 _LAZY = {
@@ -41,7 +41,7 @@ _LAZY = {
     ),
     **dict.fromkeys(("layers", "merge", "tune"), "api"),
     **dict.fromkeys(("ForgetOptions", "Preprocessing"), "options"),
-    **dict.fromkeys(("ClassStatistics", "load_statistics"), "statsfile"),
+    **dict.fromkeys(("ClassStatistics", "load_statistics"), "gram_file"),
 }
 
 __all__ = [

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 
 from .errors import InputError, UnsupportedModelError
+from .gram import StatisticsCollector, statistic_layers
+from .gram_file import ClassStatistics, load_statistics, merge_statistics, statistic_id
 from .layer_scan import Head, LayerScan, find_head, scan_layers
 from .metrics import (
     Accuracy,
@@ -38,10 +40,11 @@ from .modelio import (
     needs_external_data,
 )
 from .options import DEFAULT_MAX_MODEL_BYTES, METHODS, ForgetOptions
+from .progress import progress_bar
 from .repair import HeadSystem, forget_targets, write_head
 from .report import Comparison, Report, layer_rows
 from .rewrite import rewrite_model
-from .runtime import Runner, open_runner, progress_bar
+from .runtime import Runner, open_runner
 from .samples import (
     SampleSet,
     choose_from_class,
@@ -50,8 +53,6 @@ from .samples import (
     split_validation,
 )
 from .signature import Signature, read_signature
-from .statistics import StatisticsCollector, statistic_layers
-from .statsfile import ClassStatistics, load_statistics, merge_statistics, statistic_id
 from .subspace import Projections, SpacePair
 from .taps import add_taps
 from .verify import verify_file, verify_model
@@ -620,7 +621,7 @@ class _Run:
         metadata = _metadata(opened.loaded, self.classes, alpha_r, alpha_f, self.sample_counts)
         projections = self.projections(alpha_r, alpha_f)
         model, copies = rewrite_model(
-            opened.loaded.proto, opened.scan.layers, projections, metadata
+            opened.loaded.proto, opened.scan.layers, projections.factor, metadata
         )
         if self.method(used) == REPAIR:
             model = self._repair_head(opened, model, used)
@@ -635,12 +636,14 @@ class _Run:
         targets = used["head_logits"].copy()  # the collected logits serve every α tried
         forgotten = np.isin(labels, self.classes)
         targets[forgotten] = forget_targets(targets[forgotten], self.classes)
-        system = HeadSystem(head.layer.d, count, head.bias is not None)
+        system = HeadSystem(head.layer.input_size, count, head.bias is not None)
         done = 0
         for batch, (features,) in runner.run(
             used["samples"].load, used["indices"], [head.layer.input]
         ):
-            system.add(features.reshape(-1, head.layer.d), targets[done : done + len(batch)])
+            system.add(
+                features.reshape(-1, head.layer.input_size), targets[done : done + len(batch)]
+            )
             done += len(batch)
         return write_head(model, head, system)
 

@@ -51,7 +51,8 @@ class WeightSource:
 
 @dataclass(frozen=True)
 class Layer:
-    """One projectable layer: `d` is the size of the input vectors its weight sees."""
+    """One projectable layer: `input_size` is the size `d` of the input vectors its weight
+    sees (a conv's: its patches, `in/groups * prod(kernel)`)."""
 
     node: str
     op: str
@@ -61,7 +62,7 @@ class Layer:
     weight_dtype: np.dtype
     orientation: str
     groups: int
-    d: int
+    input_size: int
     geometry: ConvGeometry | None
     shared: bool  # the stored weight also feeds another consumer: it gets its own copy
 
@@ -258,7 +259,7 @@ def _layer(index: _GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
             auto_pad=_text(attributes.get("auto_pad", "NOTSET")),
             groups=groups,
         )
-        orientation, d = CONV, shape[1] * int(np.prod(kernel))
+        orientation, input_size = CONV, shape[1] * int(np.prod(kernel))
         if shape[0] % groups:
             return f"{shape[0]} output channels do not split into {groups} groups"
     else:
@@ -267,7 +268,7 @@ def _layer(index: _GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
         groups = 1
         transposed = node.op_type == "Gemm" and attributes.get("transB", 0)
         orientation = OUT_IN if transposed else IN_OUT
-        d = shape[1] if transposed else shape[0]
+        input_size = shape[1] if transposed else shape[0]
     return Layer(
         node=name,
         op=node.op_type,
@@ -277,7 +278,7 @@ def _layer(index: _GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
         weight_dtype=np.dtype(dtype),
         orientation=orientation,
         groups=groups,
-        d=d,
+        input_size=input_size,
         geometry=geometry,
         shared=False,
     )

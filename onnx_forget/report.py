@@ -147,7 +147,7 @@ def _layer_dict(layer: Layer) -> dict:
         "orientation": layer.orientation,
         "weight_shape": list(layer.weight_shape),
         "groups": layer.groups,
-        "d": layer.d,
+        "d": layer.input_size,
         "input": layer.input,
         "shared_weight": layer.shared,
     }
@@ -161,7 +161,7 @@ def format_layers(scan: LayerScan) -> str:
         weight = layer.weight.tensor + (" (shared)" if layer.shared else "")
         lines.append(
             f"{layer.node:<28} {layer.op:<7} {weight:<28} {layer.orientation:<7} "
-            f"{layer.groups:>6} {layer.d:>6}  {layer.input}"
+            f"{layer.groups:>6} {layer.input_size:>6}  {layer.input}"
         )
     for skipped in scan.skipped:
         lines.append(f"{skipped.node:<28} {skipped.op:<7} skipped: {skipped.reason}")

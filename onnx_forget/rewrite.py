@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -23,7 +23,7 @@ def project_weight(weight: np.ndarray, layer: Layer, projection: Projection) -> 
     """
     if layer.orientation == CONV:
         out = weight.shape[0]
-        per_group = weight.reshape(layer.groups, out // layer.groups, layer.d)
+        per_group = weight.reshape(layer.groups, out // layer.groups, layer.input_size)
         return projection(per_group.transpose(0, 2, 1)).transpose(0, 2, 1).reshape(weight.shape)
     if layer.orientation == OUT_IN:
         return projection(weight.T[None])[0].T
@@ -202,10 +202,11 @@ def _drop_unread(graph: onnx.GraphProto, candidates: set[str]) -> None:
 def rewrite_model(
     model: onnx.ModelProto,
     layers: tuple[Layer, ...],
-    projections: Mapping[tuple, Projection],
+    projection_of: Callable[[tuple], Projection],
     metadata: dict[str, str],
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `model` with every layer's weight projected; also the names of copies made.
+    """A copy of `model` with every layer's weight projected by `projection_of(its
+    statistic key)`; also the names of copies made.
 
     Layers are taken one statistic at a time, so a lazily built projection is held only
     while its own layers are rewritten.
@@ -216,7 +217,7 @@ def rewrite_model(
         by_statistic.setdefault(layer.statistic_key, []).append(layer)
     copies = []
     for key, readers in by_statistic.items():
-        copies += _project_readers(editor, readers, projections[key])
+        copies += _project_readers(editor, readers, projection_of(key))
     return editor.finish(metadata), copies
 
 

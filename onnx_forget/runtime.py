@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import click
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,8 +16,8 @@ from onnx import helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from .errors import InputError, UnsupportedModelError
+from .gram import GramProducts, numpy_gram
 from .modelio import all_tensors
-from .statistics import GramProducts, numpy_gram
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -418,18 +415,3 @@ def _helper_model(graph: onnx.GraphProto) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", HELPER_OPSET)])
     model.ir_version = HELPER_IR_VERSION
     return model.SerializeToString()
-
-
-class _NoProgress:
-    def update(self, steps: int) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, label: str, wanted: bool):
-    """A progress bar on stderr when wanted and stderr is a terminal, else nothing."""
-    if not (wanted and sys.stderr.isatty()):
-        yield _NoProgress()
-        return
-    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
-        yield bar

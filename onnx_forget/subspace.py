@@ -17,7 +17,7 @@ of them in matrix-matrix BLAS, and condition number at most `max(alpha, 1/alpha)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -83,7 +83,7 @@ class _Importance:
         return scipy.linalg.cho_solve(self.factor, block, check_finite=False)
 
 
-class Projections(Mapping):
+class Projections:
     """Each statistic's projection at one (alpha_r, alpha_f), factored when asked for.
 
     Nothing is cached: a caller that takes one statistic at a time holds one statistic's
@@ -99,12 +99,7 @@ class Projections(Mapping):
     ):
         self.spaces, self.alpha_r, self.alpha_f, self.timing = spaces, alpha_r, alpha_f, timing
 
-    def __getitem__(self, key: tuple) -> Projection:
+    def factor(self, key: tuple) -> Projection:
+        """Factor statistic `key`'s Gram matrices (timed) and return its projection."""
         with self.timing():
             return self.spaces[key].projection(self.alpha_r, self.alpha_f)
-
-    def __iter__(self) -> Iterator[tuple]:
-        return iter(self.spaces)
-
-    def __len__(self) -> int:
-        return len(self.spaces)

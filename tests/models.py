@@ -77,10 +77,10 @@ def mixed_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     )
 
 
-def by_matrix(matrices: dict[tuple, np.ndarray]) -> dict:
+def by_matrix(matrices: dict[tuple, np.ndarray]):
     """Projections given as explicit `[groups, d, d]` matrices `P`, as rewrite_model takes
-    them: each applies `P` to `[groups, d, k]` column blocks."""
-    return {key: (lambda columns, p=p: p @ columns) for key, p in matrices.items()}
+    them: by statistic key, a function applying `P` to `[groups, d, k]` column blocks."""
+    return lambda key: lambda columns: matrices[key] @ columns
 
 
 def float_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

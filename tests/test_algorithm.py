@@ -153,7 +153,8 @@ def test_identity_projection_leaves_every_weight_bit_identical():
     model = models.mixed_model(models.mixed_weights())
     scan = scan_layers(model)
     identity = {
-        layer.statistic_key: np.stack([np.eye(layer.d)] * layer.groups) for layer in scan.layers
+        layer.statistic_key: np.stack([np.eye(layer.input_size)] * layer.groups)
+        for layer in scan.layers
     }
     rewritten, copies = rewrite_model(model, scan.layers, models.by_matrix(identity), {})
     assert copies == []

@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 
 import onnx_forget
+from onnx_forget.gram import StatisticsCollector
 from onnx_forget.layer_scan import scan_layers
 from onnx_forget.runtime import CPU, CUDA, cuda_starts, onnxruntime_gram, open_runner
-from onnx_forget.statistics import StatisticsCollector
 from onnx_forget.taps import add_taps
 from tests import models
 from tests.conftest import FAST, FIXTURES, MODEL, SAMPLES

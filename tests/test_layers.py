@@ -30,7 +30,8 @@ def _fc_output(dtype=TensorProto.FLOAT):
 def _random_projections(layers, seed=0):
     rng = np.random.default_rng(seed)
     return {
-        layer.statistic_key: rng.normal(size=(layer.groups, layer.d, layer.d)) for layer in layers
+        layer.statistic_key: rng.normal(size=(layer.groups, layer.input_size, layer.input_size))
+        for layer in layers
     }
 
 
@@ -50,7 +51,7 @@ def test_weight_through_cast_and_transpose_is_projected_in_its_stored_type():
         [numpy_helper.from_array(stored, "w16")],
     )
     (layer,) = scan_layers(model).layers
-    assert (layer.orientation, layer.d, layer.weight.tensor) == (IN_OUT, K, "w16")
+    assert (layer.orientation, layer.input_size, layer.weight.tensor) == (IN_OUT, K, "w16")
     assert layer.weight.chain == ("cast", "transpose")
     projections = _random_projections([layer])
     rewritten, copies = rewrite_model(model, (layer,), by_matrix(projections), {})
@@ -181,5 +182,5 @@ def test_skipped_layers_say_why():
 def test_conv_layer_geometry_and_size():
     model = models.mixed_model(models.mixed_weights())
     conv = scan_layers(model).layers[0]
-    assert conv.orientation == CONV and conv.groups == 2 and conv.d == 2 * 3 * 3
+    assert conv.orientation == CONV and conv.groups == 2 and conv.input_size == 2 * 3 * 3
     assert conv.geometry.strides == (2, 2) and conv.geometry.pads == models.CONV_PADS

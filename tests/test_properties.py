@@ -23,12 +23,12 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnx_forget.errors import InputError
+from onnx_forget.gram import conv_windows
 from onnx_forget.layer_scan import CONV, IN_OUT, scan_layers
 from onnx_forget.options import Preprocessing
 from onnx_forget.rewrite import rewrite_model
 from onnx_forget.samples import open_samples
 from onnx_forget.signature import Signature
-from onnx_forget.statistics import conv_windows
 from tests import models
 from tests.models import by_matrix
 
@@ -81,11 +81,11 @@ def _apply(x: np.ndarray, weight: np.ndarray, layer, transform=None) -> np.ndarr
     for group in range(layer.groups):
         channels = windows[:, group * in_per_group : (group + 1) * in_per_group]
         patches = np.moveaxis(channels, 1, 1 + spatial)
-        patches = patches.reshape(*patches.shape[: 1 + spatial], layer.d)
+        patches = patches.reshape(*patches.shape[: 1 + spatial], layer.input_size)
         if transform is not None:
             patches = patches @ transform[group]
         rows = weight[group * out_per_group : (group + 1) * out_per_group]
-        outputs.append(np.moveaxis(patches @ rows.reshape(len(rows), layer.d).T, -1, 1))
+        outputs.append(np.moveaxis(patches @ rows.reshape(len(rows), layer.input_size).T, -1, 1))
     return np.concatenate(outputs, axis=1)
 
 
@@ -93,7 +93,7 @@ def _float32_tolerance(x: np.ndarray, weight: np.ndarray, layer, weight_eps: flo
     """Elementwise bound on a float32 layer's error: the weight's rounding to its stored
     type (`weight_eps`), a cast to float32, and float32 sums of `d` terms."""
     bound = _apply(np.abs(x), np.abs(weight), layer)
-    return (weight_eps + (2 * layer.d + 2) * FLOAT32_EPS) * bound
+    return (weight_eps + (2 * layer.input_size + 2) * FLOAT32_EPS) * bound
 
 
 # --- im2col against onnxruntime's Conv -------------------------------------------------
@@ -161,7 +161,7 @@ def test_projected_conv_through_patches_equals_onnxruntime(case):
     weight_shape = (groups * out_per_group, case["in_per_group"], *case["kernel"])
     model = _conv_model(case, rng.normal(size=weight_shape).astype(np.float32))
     (layer,) = scan_layers(model).layers
-    projection = rng.normal(size=(groups, layer.d, layer.d))
+    projection = rng.normal(size=(groups, layer.input_size, layer.input_size))
     rewritten, _ = rewrite_model(model, (layer,), by_matrix({layer.statistic_key: projection}), {})
     projected = numpy_helper.to_array(rewritten.graph.initializer[0]).astype(np.float64)
     x = rng.normal(size=(case["batch"], groups * case["in_per_group"], *case["sizes"]))
@@ -249,7 +249,7 @@ def test_identity_projection_changes_no_bit_of_any_weight(case):
     """`P = I` through any chain and stored type writes back the very same bytes."""
     model, _ = _layer_model(case)
     (layer,) = scan_layers(model).layers
-    identity = np.stack([np.eye(layer.d)] * layer.groups)
+    identity = np.stack([np.eye(layer.input_size)] * layer.groups)
     rewritten, copies = rewrite_model(
         model, (layer,), by_matrix({layer.statistic_key: identity}), {}
     )
@@ -268,7 +268,9 @@ def test_projected_layer_equals_the_original_on_transformed_inputs(case):
     model, x = _layer_model(case)
     (layer,) = scan_layers(model).layers
     rng = np.random.default_rng(case["seed"] + 1)
-    projection = rng.normal(size=(layer.groups, layer.d, layer.d)) / math.sqrt(layer.d)
+    projection = rng.normal(size=(layer.groups, layer.input_size, layer.input_size)) / math.sqrt(
+        layer.input_size
+    )
     rewritten, _ = rewrite_model(model, (layer,), by_matrix({layer.statistic_key: projection}), {})
     stored = numpy_helper.to_array(rewritten.graph.initializer[0])
     assert stored.dtype == np.dtype(STORED_TYPES[case["stored"]])

@@ -13,7 +13,7 @@ import pytest
 
 import onnx_forget
 from onnx_forget.errors import InputError
-from onnx_forget.statsfile import load_statistics
+from onnx_forget.gram_file import load_statistics
 from tests.models import ON_CPU, float_weights, largest_relative_difference
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -48,20 +48,20 @@ class GramAccumulator:
         self.products = products or numpy_gram  # for float32 rows: the GPU's, or numpy's
         self.geometry = layer.geometry
         self.groups = layer.groups
-        self.d = layer.d
+        self.input_size = layer.input_size
         self.labels = labels  # [n] class of each sample of the set, in run order
         self.ordinals = _ordinals(labels)  # [n] position of each sample within its class
         self.class_sizes = dict(zip(*np.unique(labels, return_counts=True)))
         self.budget = budget
         self.seed = seed
-        self.gram = np.zeros((self.groups, self.d, self.d), dtype=np.float64)
+        self.gram = np.zeros((self.groups, self.input_size, self.input_size), dtype=np.float64)
         self.vectors = 0
         self._chosen: dict[int, np.ndarray] = {}  # class -> sorted flat (sample, position)
 
     def add(self, values: np.ndarray, first_sample: int) -> None:
         """Add a batch of the tapped tensor holding samples `first_sample, ...` of the set."""
         if self.geometry is None:
-            rows = values.reshape(-1, self.d)[:, None, :]
+            rows = values.reshape(-1, self.input_size)[:, None, :]
         else:
             rows = self._patches(values, first_sample)
         # The batch's products in float32 at least (float16 activations are widened),
@@ -80,7 +80,7 @@ class GramAccumulator:
         positions = math.prod(out_shape)
         if self.budget == 0:
             order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
-            return windows.transpose(order).reshape(-1, self.groups, self.d)
+            return windows.transpose(order).reshape(-1, self.groups, self.input_size)
         batch = slice(first_sample, first_sample + len(values))
         labels, ordinals = self.labels[batch], self.ordinals[batch]
         samples, coords = [], []
@@ -96,7 +96,7 @@ class GramAccumulator:
         picked = windows[
             (np.concatenate(samples), slice(None), *np.unravel_index(position, out_shape))
         ]
-        return picked.reshape(len(position), self.groups, self.d)
+        return picked.reshape(len(position), self.groups, self.input_size)
 
     def _chosen_for(self, label: int, positions: int) -> np.ndarray:
         """The class's sampled flat indices, drawn once the positions per sample are known."""

@@ -29,7 +29,12 @@ SIZES = ("d", "groups")  # what every statistic of the header must give as posit
 def statistic_id(layer: Layer) -> dict:
     """What identifies a statistic across runs: the tensor read and how it is read."""
     geometry = dataclasses.asdict(layer.geometry) if layer.geometry else None
-    described = {"input": layer.input, "geometry": geometry, "d": layer.d, "groups": layer.groups}
+    described = {
+        "input": layer.input,
+        "geometry": geometry,
+        "d": layer.input_size,
+        "groups": layer.groups,
+    }
     return json.loads(json.dumps(described))  # as it reads back from a file: lists, not tuples
 
 
