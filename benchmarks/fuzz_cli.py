@@ -357,6 +357,7 @@ def _absolute(case: Case, folder: Path) -> Case:
     case.inputs = [(kind, fix(p)) for kind, p in case.inputs]
     case.outputs = [fix(p) for p in case.outputs]
     case.model_outputs = [fix(p) for p in case.model_outputs]
+    case.reports = [fix(p) for p in case.reports]
     return case
 
 

@@ -29,7 +29,7 @@ from onnx_forget.options import DEFAULT_MAX_PATCHES, METHODS
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 FORGET_SHARE = 0.1
-TOLERANCE = 0.10  # issue 2: peak at 1,000 samples within 10 % of the peak at 100
+TOLERANCE = 0.10  # the target: peak at 1,000 samples within 10 % of the peak at 100
 
 
 def run_once(args, size: int) -> dict:

@@ -37,7 +37,7 @@ MODELS = {
     "mnist_cnn_external": ("mnist_cnn_external/model.onnx", "mnist_heldout.npz"),
 }
 REFERENCES = {c: FIXTURES / f"mnist_cnn_without_{c}.onnx" for c in (0, 3, 8)}
-FORGET_GOAL = 1.0  # issue 4: forget accuracy at most 1 % ...
+FORGET_GOAL = 1.0  # the goal: forget accuracy at most 1 % ...
 RETAIN_DROP_GOAL = 1.5  # ... and retain accuracy within 1.5 points of the original
 
 

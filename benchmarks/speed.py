@@ -1,5 +1,5 @@
 """Speed and peak memory of `onnx-forget` on ImageNet-size models, against a plain
-onnxruntime pass and a straightforward implementation of the paper (issue 6).
+onnxruntime pass and a straightforward implementation of the paper.
 
 Random-weight ResNet-18 and ViT-B/16 classifiers (224x224, 1000 classes, exported with
 torch.onnx) and random preprocessed samples are built once into a cache folder. Then, for
@@ -65,12 +65,12 @@ RESNET_WIDTHS = (64, 128, 256, 512)
 RESNET_BLOCKS = 2  # per stage: ResNet-18
 VIT_PATCH, VIT_DIM, VIT_DEPTH, VIT_HEADS, VIT_MLP = 16, 768, 12, 12, 3072  # ViT-B/16
 VIT_INIT_STD = 0.02  # class token and position embeddings, as in the ViT paper's code
-BASELINE_PATCHES = 10_000  # ALGORITHM.md: the authors' cap per conv layer and set
+BASELINE_PATCHES = 10_000  # docs/method.md: the authors' cap per conv layer and set
 PROVIDERS = {"cpu": CPU, "cuda": CUDA}
 PHASES = ("load", "samples", "taps", "collect", "decompose", "rewrite", "save", "evaluate")
 BASELINE_PHASES = ("load", "activations", "decompose", "rewrite", "save")
 GRAM_BYTES = 8 * 2  # float64 entries, one matrix for the retain and one for the forget set
-# Issue 6's targets.
+# The speed and memory targets.
 COLLECT_OVER_PLAIN = 1.5
 DECOMPOSE_OVER_COLLECT = 1.0
 BASELINE_OVER_FORGET = 5.0
@@ -446,7 +446,7 @@ def spawn(variant: str, name: str, args) -> dict:
 
 
 def memory_bound(model: Path, x, args) -> dict[str, float]:
-    """Issue 6's memory budget in MiB: the model file, one batch of tapped outputs and the
+    """The memory budget in MiB: the model file, one batch of tapped outputs and the
     retain and forget Gram matrices of every statistic."""
     grams = {
         layer.statistic_key: layer.groups * layer.input_size**2
@@ -477,7 +477,7 @@ def median(runs: list[dict], key: str) -> float:
 
 
 def ratio_line(label: str, value: float, target: float | None = None, below=True) -> str:
-    """One ratio, and against issue 6's target whether it is met."""
+    """One ratio, and against its target whether it is met."""
     line = f"{label:<32}{value:>10.2f}"
     if target is None:
         return line

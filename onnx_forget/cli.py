@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 import warnings
@@ -10,10 +11,35 @@ import click
 
 from .errors import ForgetError
 from .install import check_onnxruntime_installation
+from .options import all_flags
 
 PROGRAM = "onnx-forget"
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 1
+# The API's keywords that are no option field, as the command line spells them; the
+# options' own spellings come from their fields (options.flag).
+ARGUMENT_FLAGS = {
+    "samples": "--samples",
+    "stats": "--stats",
+    "output": "--out",
+    "force": "--force",
+    "eval_samples": "--eval-samples",
+    "report": "--report",
+    "forget_classes": "--forget-class",
+    "classes": "--classes",
+    "per_class": "--per-class",
+    "reference": "--reference",
+    "members": "--members",
+}
+
+
+def message(error: ForgetError) -> str:
+    """The error's line with the options it names spelled as flags."""
+    flags = {**all_flags(), **ARGUMENT_FLAGS}
+    text = str(error)
+    for keyword in error.options:
+        text = re.sub(rf"\b{re.escape(keyword)}\b", flags.get(keyword, keyword), text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     except ForgetError as error:
         if debug:  # the traceback, then the same line and exit code a pipeline relies on
             traceback.print_exc()
-        click.echo(f"{PROGRAM}: error: {error}", err=True)
+        click.echo(f"{PROGRAM}: error: {message(error)}", err=True)
         sys.exit(error.exit_code)
     except (KeyboardInterrupt, click.Abort):
         click.echo(f"{PROGRAM}: interrupted; nothing was written", err=True)

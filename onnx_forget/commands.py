@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,18 +13,13 @@ from . import api
 from .cli import PROGRAM
 from .errors import InputError
 from .options import (
-    DEFAULT_ALPHA_F,
-    DEFAULT_ALPHA_R,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_FORGET_SAMPLES,
-    DEFAULT_MAX_MODEL_BYTES,
-    DEFAULT_MAX_PATCHES,
-    DEFAULT_MAX_SAMPLE_BYTES,
-    DEFAULT_RETAIN_PER_CLASS,
-    DEVICES,
-    LAYOUTS,
-    METHODS,
+    FORGETTING,
+    LOADING,
+    RUNNING,
+    STATISTICS,
     Preprocessing,
+    flag,
+    option_fields,
 )
 from .report import format_evaluation, format_layers, format_statistics, format_tuning, layer_rows
 from .version import VERSION
@@ -64,72 +60,53 @@ def _float_list(ctx, param, value) -> tuple | None:
     return _numbers(value)
 
 
-def _options(*decorators) -> Callable:
-    """Apply a group of click options, so commands share one definition of each."""
+def _click_option(field_: dataclasses.Field) -> Callable:
+    """The click option of an options field, from its metadata (options.option)."""
+    meta = field_.metadata
+    settings = {"help": meta["help"], "default": field_.default}
+    settings["show_default"] = meta.get("shown", field_.default is not None)
+    if "choices" in meta:
+        settings["type"] = click.Choice(meta["choices"])
+    elif meta.get("numbers"):
+        settings["callback"] = _float_list
+    elif meta.get("path"):
+        settings["type"] = PATH
+    elif "minimum" in meta:
+        settings["type"] = click.IntRange(min=meta["minimum"])
+    elif field_.default is not None:
+        settings["type"] = type(field_.default)
+    return click.option(flag(field_), field_.name, **settings)
+
+
+def _option_groups(*groups: str) -> Callable:
+    """Every option field of `groups` as click options, in definition order."""
 
     def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
+        fields = [f for group in groups for f in option_fields(group)]
+        for field_ in reversed(fields):
+            command = _click_option(field_)(command)
         return command
 
     return apply
 
 
-# Size limits (README "Safety"): past them a model or a sample file is refused unread.
-_max_model_bytes = click.option(
-    "--max-model-bytes",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_MODEL_BYTES,
-    show_default=True,
-    help="Refuse a larger model (external data included).",
-)
-_max_sample_bytes = click.option(
-    "--max-sample-bytes",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_SAMPLE_BYTES,
-    show_default=True,
-    help="Refuse a larger sample file (.npz arrays counted uncompressed).",
-)
-
-# Reading samples and running the model: every command that runs the model takes these.
-_running = _options(
-    click.option("--output", "output_name", help="Scores output [default: first float [N, C]]."),
-    click.option(
-        "--class-names",
-        type=PATH,
-        help="File of class names, one a line, mapping sample folder names to indices.",
-    ),
-    click.option("--scale", type=float, default=1 / 255, show_default="1/255", help="Pixel scale."),
-    click.option("--mean", callback=_float_list, help="Per-channel mean, e.g. 0.485,0.456,0.406."),
-    click.option("--std", callback=_float_list, help="Per-channel std, e.g. 0.229,0.224,0.225."),
-    click.option("--layout", type=click.Choice(LAYOUTS), help="Image layout [default: model's]."),
-    click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True),
-    click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
-    click.option("--seed", type=int, default=0, show_default=True),
-    _max_model_bytes,
-    _max_sample_bytes,
-)
-_statistics = _options(
-    click.option(
-        "--max-patches",
-        type=int,
-        default=DEFAULT_MAX_PATCHES,
-        show_default=True,
-        help="Conv patches per layer and class; 0 = every patch.",
-    ),
-)
-_reporting = _options(
+_reporting = [
     click.option("--report", "report_path", type=PATH, help="Write the result as JSON here."),
     click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
     click.option("--debug", is_flag=True, help="Show tracebacks."),
-)
+]
 
 
-def _running_options(values: dict) -> dict:
-    """The API keywords of the `_running` and `_statistics` groups."""
-    values["preprocessing"] = Preprocessing(
-        values.pop("scale"), values.pop("mean"), values.pop("std"), values.pop("layout")
-    )
+def _reported(command):
+    for decorator in reversed(_reporting):
+        command = decorator(command)
+    return command
+
+
+def _api_options(values: dict) -> dict:
+    """The API keywords of the generated options: preprocessing's fields become one."""
+    names = [f.name for f in dataclasses.fields(Preprocessing)]
+    values["preprocessing"] = Preprocessing(**{name: values.pop(name) for name in names})
     return values
 
 
@@ -168,29 +145,17 @@ def cli():
 @click.option("-o", "--out", type=PATH, help="Output [default: <model>.forget-<classes>.onnx].")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--eval-samples", type=PATH, help="Held-out samples to report accuracy on.")
-@click.option("--retain-per-class", type=int, default=DEFAULT_RETAIN_PER_CLASS, show_default=True)
-@click.option("--forget-samples", type=int, default=DEFAULT_FORGET_SAMPLES, show_default=True)
-@click.option("--alpha-r", type=float, default=DEFAULT_ALPHA_R, show_default=True)
-@click.option("--alpha-f", type=float, default=DEFAULT_ALPHA_F, show_default=True)
-@click.option(
-    "--method",
-    type=click.Choice(METHODS),
-    default=METHODS[0],
-    show_default=True,
-    help="head-repair: the paper's projection, then the head refitted; paper: ALGORITHM.md only.",
-)
 @click.option("--tune", is_flag=True, help="Search alpha_r x alpha_f on validation samples.")
 @click.option("--alpha-r-grid", callback=_float_list, help="α_r values for --tune.")
 @click.option("--alpha-f-grid", callback=_float_list, help="α_f values for --tune.")
-@_running
-@_statistics
-@_reporting
+@_option_groups(FORGETTING, STATISTICS, RUNNING, LOADING)
+@_reported
 def forget_command(
     model, forget_classes, samples, stats, out, force, eval_samples, tune, alpha_r_grid,
     alpha_f_grid, report_path, quiet, debug, **options,
 ):  # fmt: skip
     """Forget classes of MODEL and write the new model."""
-    options = _running_options(options)
+    options = _api_options(options)
     common = {
         "output": out,
         "force": force,
@@ -205,6 +170,7 @@ def forget_command(
             "alpha_r_grid": alpha_r_grid or api.ALPHA_R_GRID,
             "alpha_f_grid": alpha_f_grid or api.ALPHA_F_GRID,
         }
+        del options["alpha_r"], options["alpha_f"]  # the grids take their place
         tuned = api.tune(model, forget_classes, samples, **grids, **common, **options)
         text = format_tuning(tuned.grid, tuned.best) + "\n\n" + tuned.result.report.format()
         _show(quiet, text)
@@ -220,9 +186,8 @@ def forget_command(
 @click.option("--force", is_flag=True, help="Replace an existing statistics file.")
 @click.option("--classes", callback=_class_list, help="Only these classes, e.g. 0,1,2.")
 @click.option("--per-class", type=int, help="At most this many samples per class [all].")
-@_running
-@_statistics
-@_reporting
+@_option_groups(STATISTICS, RUNNING, LOADING)
+@_reported
 def collect_command(
     model, samples, out, force, classes, per_class, report_path, quiet, debug, **options
 ):
@@ -235,7 +200,7 @@ def collect_command(
         output=out,
         force=force,
         report=report_path,
-        **_running_options(options),
+        **_api_options(options),
     )
     _show(quiet, format_statistics(statistics.summary(str(out))))
 
@@ -244,7 +209,7 @@ def collect_command(
 @click.argument("parts", type=PATH, nargs=-1, required=True)
 @click.option("-o", "--out", type=PATH, required=True, help="Merged statistics file (.npz).")
 @click.option("--force", is_flag=True, help="Replace an existing statistics file.")
-@_reporting
+@_reported
 def merge_command(parts, out, force, report_path, quiet, debug):
     """Add statistics files collected on shards of the samples of one model."""
     statistics = api.merge(parts, output=out, force=force, report=report_path)
@@ -263,8 +228,8 @@ def merge_command(parts, out, force, report_path, quiet, debug):
     help="Forgotten classes [default: from the model's metadata].",
 )
 @click.option("--members", type=PATH, help="Training samples, for the membership-inference check.")
-@_running
-@_reporting
+@_option_groups(RUNNING, LOADING)
+@_reported
 def evaluate_command(
     model, samples, reference, forget_classes, members, report_path, quiet, debug, **options
 ):
@@ -276,7 +241,7 @@ def evaluate_command(
         forget_classes=forget_classes,
         members=members,
         report=report_path,
-        **_running_options(options),
+        **_api_options(options),
     )
     _show(quiet, format_evaluation(evaluation))
 
@@ -284,7 +249,7 @@ def evaluate_command(
 @cli.command("layers")
 @click.argument("model", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-@_max_model_bytes
+@_option_groups(LOADING)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def layers_command(model, as_json, max_model_bytes, debug):
     """List the layers of MODEL that can be projected, and those skipped with why."""

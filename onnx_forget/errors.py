@@ -2,9 +2,17 @@
 
 
 class ForgetError(Exception):
-    """Base of every error the tool reports to the user as one line."""
+    """Base of every error the tool reports to the user as one line.
+
+    `options` are the keywords of the options the message names, as a Python caller
+    spells them; the command line shows its own flags in their place.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, options: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.options = options
 
     def __str__(self) -> str:
         """The message on one line: the checker and onnxruntime write theirs on several."""

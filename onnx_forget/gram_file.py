@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import InputError
 from .layer_scan import Layer
-from .modelio import write_file_atomically
+from .outputs import write_file_atomically
 
 FORMAT_VERSION = 1
 SIZES = ("d", "groups")  # what every statistic of the header must give as positive ints

@@ -122,3 +122,21 @@ def membership_attack(members: np.ndarray, non_members: np.ndarray, targets: np.
     )
     called = fitted.x[0] * _log_odds(targets) / scale + fitted.x[1] > 0
     return _percent(called)
+
+
+def membership_share(
+    member_scores: np.ndarray,
+    member_labels: np.ndarray,
+    held_scores: np.ndarray,
+    held_labels: np.ndarray,
+    classes: Sequence[int],
+) -> float:
+    """The attack's member share of the forgotten classes' training samples: fitted on
+    the kept classes' members against their held-out samples."""
+    member_kept = ~np.isin(member_labels, classes)
+    held_kept = ~np.isin(held_labels, classes)
+    return membership_attack(
+        true_class_confidence(member_scores[member_kept], member_labels[member_kept]),
+        true_class_confidence(held_scores[held_kept], held_labels[held_kept]),
+        true_class_confidence(member_scores[~member_kept], member_labels[~member_kept]),
+    )

@@ -12,6 +12,8 @@ weights. No gradient, no loop: one more forward pass and one `[K + 1, K + 1]` so
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 import scipy.linalg
@@ -19,6 +21,11 @@ import scipy.linalg
 from .errors import UnsupportedModelError
 from .layer_scan import OUT_IN, Head
 from .rewrite import WEIGHT_INPUT, WeightEditor
+from .taps import add_taps
+
+if TYPE_CHECKING:
+    from .opened import OpenedModel
+    from .passes import FitSamples
 
 # Ridge strength relative to the mean feature energy (trace / K): enough to keep the solve
 # well-posed when features outnumber samples, small enough not to bias the fit.
@@ -87,3 +94,22 @@ def write_head(model: onnx.ModelProto, head: Head, system: HeadSystem) -> onnx.M
         editor.edit(head.bias, head.bias_node, head.bias_input, head.bias_shared,
                     lambda seen: bias.reshape(seen.shape))  # fmt: skip
     return editor.finish({})
+
+
+def repair_head(
+    opened: OpenedModel, model: onnx.ModelProto, fit: FitSamples, classes: list[int]
+) -> onnx.ModelProto:
+    """The projected `model` with its head refitted on the fit samples: one run of them
+    through `model` for the head's input features, then one solve."""
+    head = opened.head(model)
+    count = opened.signature.class_count
+    runner = opened.runner(add_taps(model, (head.layer,), opened.signature.scores_name))
+    targets = fit.head_logits.copy()  # the collected logits serve every α tried
+    forgotten = np.isin(fit.labels, classes)
+    targets[forgotten] = forget_targets(targets[forgotten], classes)
+    system = HeadSystem(head.layer.input_size, count, head.bias is not None)
+    done = 0
+    for batch, (features,) in runner.run(fit.samples.load, fit.indices, [head.layer.input]):
+        system.add(features.reshape(-1, head.layer.input_size), targets[done : done + len(batch)])
+        done += len(batch)
+    return write_head(model, head, system)

@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from .layer_scan import CONV, IN_OUT, OUT_IN, Layer, WeightSource, node_names, reshape_target
+from .graph import GraphIndex, WeightSource, pass_through_steps
+from .layer_scan import CONV, IN_OUT, OUT_IN, Layer
 from .subspace import Projection
 
 WEIGHT_INPUT = 1  # Conv, Gemm and MatMul all read their weight as input 1
@@ -39,8 +40,10 @@ class WeightEditor:
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
         graph = self.model.graph
-        self.node_by_name = dict(zip(node_names(graph), graph.node))
-        self.initializers = {t.name: t for t in graph.initializer}
+        # The graph as it was: the chains of the weights, which a private copy repeats.
+        self.index = GraphIndex(graph)
+        self.node_by_name = dict(self.index.node_by_name)
+        self.initializers = dict(self.index.initializers)
         self.constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
         self.inserted: dict[int, list[onnx.NodeProto]] = {}
         self.orphan_candidates: set[str] = set()  # shared weights whose readers got copies
@@ -66,32 +69,28 @@ class WeightEditor:
         With `private`, the consumer's input `position` first gets its own copy; returns
         the copy's name then.
         """
-        stored_name, chain = source.tensor, [self.node_by_name[n] for n in source.chain]
-        copy_name = None
+        stored_name, copy_name = source.tensor, None
         if private:
-            stored_name, chain = self._own_copy(consumer, position, stored_name, chain)
-            copy_name = stored_name
+            chain = [self.node_by_name[n] for n in source.chain]
+            stored_name = copy_name = self._own_copy(consumer, position, stored_name, chain)
         tensor = self.stored(stored_name)
         stored = numpy_helper.to_array(tensor)
-        seen, steps = self._through(stored, chain)
+        steps = pass_through_steps(self.index, source)  # a copy's chain has the same steps
+        seen = stored.astype(np.float64)
+        for step in steps:
+            seen = step.forward(seen)
         changed = change(seen)
         for step in reversed(steps):
-            changed = _backward(step, changed)
+            changed = step.backward(changed)
         tensor.CopyFrom(numpy_helper.from_array(changed.astype(stored.dtype), tensor.name))
         return copy_name
 
     def seen(self, source: WeightSource) -> np.ndarray:
         """A stored constant's value as its consumer sees it, in float64."""
-        stored = numpy_helper.to_array(self.stored(source.tensor))
-        return self._through(stored, [self.node_by_name[n] for n in source.chain])[0]
-
-    def _through(self, stored: np.ndarray, chain: list[onnx.NodeProto]):
-        """The value after the pass-through chain, and what undoing each step needs."""
-        seen, steps = stored.astype(np.float64), []
-        for node in chain:
-            seen, step = _forward(node, seen, self)
-            steps.append(step)
-        return seen, steps
+        value = numpy_helper.to_array(self.stored(source.tensor)).astype(np.float64)
+        for step in pass_through_steps(self.index, source):
+            value = step.forward(value)
+        return value
 
     def _own_copy(self, consumer: str, position: int, source: str, chain: list[onnx.NodeProto]):
         """Give one consumer a private copy of a shared stored constant and of its chain."""
@@ -123,7 +122,7 @@ class WeightEditor:
         self.inserted.setdefault(list(self.model.graph.node).index(reader), []).extend(new_nodes)
         self.orphan_candidates.add(source)
         self.orphan_candidates.update(node.output[0] for node in chain)
-        return renamed[source], chain_copy
+        return renamed[source]
 
     def _fresh_name(self, base: str) -> str:
         name, number = base, 1
@@ -150,28 +149,6 @@ class WeightEditor:
         for key, value in props.items():
             self.model.metadata_props.add(key=key, value=value)
         return self.model
-
-
-def _forward(node: onnx.NodeProto, value: np.ndarray, rewriter: WeightEditor):
-    """Apply one pass-through node; return the value and what undoing it needs."""
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Transpose":
-        perm = attributes.get("perm", tuple(reversed(range(value.ndim))))
-        return value.transpose(perm), ("Transpose", perm)
-    if node.op_type == "Reshape":
-        target = numpy_helper.to_array(rewriter.stored(node.input[1]))
-        shape = reshape_target(value.shape, target, attributes.get("allowzero", 0))
-        return value.reshape(shape), ("Reshape", value.shape)
-    return value, (node.op_type, None)  # Identity, Cast: values unchanged in float64
-
-
-def _backward(step, value: np.ndarray) -> np.ndarray:
-    op, detail = step
-    if op == "Transpose":
-        return value.transpose(np.argsort(detail))
-    if op == "Reshape":
-        return value.reshape(detail)
-    return value
 
 
 def _clone(node: onnx.NodeProto, name: str, renamed: dict[str, str]) -> onnx.NodeProto:

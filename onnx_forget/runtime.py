@@ -233,7 +233,9 @@ def open_runner(
             cuda_failure = str(error)
     if session is None:
         if device == "cuda":
-            raise InputError("--device cuda: the CUDA provider of onnxruntime did not start")
+            raise InputError(
+                "device cuda: the CUDA provider of onnxruntime did not start", ("device",)
+            )
         session = cpu_session()
     on_cuda = session.get_providers()[0] == CUDA
     return Runner(

@@ -32,7 +32,8 @@ IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error)
 # Folder names taken as class indices must fit the int64 labels with room to spare.
 MAX_CLASS_INDEX = 2**31 - 1
-SAMPLE_LIMIT_HINT = "raise --max-sample-bytes if it is meant to be this large"
+SAMPLE_LIMIT_HINT = "raise max_sample_bytes if it is meant to be this large"
+SAMPLE_LIMIT_OPTION = ("max_sample_bytes",)
 IN_MEMORY = "arrays"  # the origin of samples given as arrays
 ClassNames = Sequence[str] | str | os.PathLike  # the names, or a file of one name a line
 
@@ -172,7 +173,8 @@ def _read_array(
     if size > max_bytes:
         raise InputError(
             f"{where}: the array holds {size} bytes, over the limit of {max_bytes}; "
-            f"{SAMPLE_LIMIT_HINT}"
+            f"{SAMPLE_LIMIT_HINT}",
+            SAMPLE_LIMIT_OPTION,
         )
     stream.seek(0)
     try:
@@ -216,7 +218,8 @@ def _check_size(path: Path, max_bytes: int) -> None:
     size = path.stat().st_size
     if size > max_bytes:
         raise InputError(
-            f"{path}: {size} bytes, over the limit of {max_bytes}; {SAMPLE_LIMIT_HINT}"
+            f"{path}: {size} bytes, over the limit of {max_bytes}; {SAMPLE_LIMIT_HINT}",
+            SAMPLE_LIMIT_OPTION,
         )
 
 
@@ -336,7 +339,9 @@ def _class_indices(names: list[str], class_names, folder: Path) -> list[int]:
         position = {name: i for i, name in enumerate(class_names)}
         unknown = [n for n in names if n not in position]
         if unknown:
-            raise InputError(f"{folder}: folder(s) {', '.join(unknown)} not in --class-names")
+            raise InputError(
+                f"{folder}: folder(s) {', '.join(unknown)} not in class_names", ("class_names",)
+            )
         return [position[n] for n in names]
     if all(n.isascii() and n.isdigit() for n in names):
         beyond = [n for n in names if int(n) > MAX_CLASS_INDEX]
@@ -371,8 +376,9 @@ def _format(channels, size, layout, preprocessing, flat_shape) -> ImageFormat | 
         values = getattr(preprocessing, name)
         if values is not None and len(values) not in (1, channels):
             raise InputError(
-                f"--{name} has {len(values)} values but the model's images have "
-                f"{channels} channel(s)"
+                f"{name} has {len(values)} values but the model's images have "
+                f"{channels} channel(s)",
+                (name,),
             )
     return ImageFormat(channels, size, layout, preprocessing, flat_shape)
 

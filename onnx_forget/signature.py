@@ -80,15 +80,19 @@ def _scores_output(model: onnx.ModelProto, name: str | None) -> onnx.ValueInfoPr
         chosen = [o for o in outputs if o.name == name]
         if not chosen:
             available = ", ".join(o.name for o in outputs)
-            raise UnsupportedModelError(f"--output {name!r} is not an output (have: {available})")
+            raise UnsupportedModelError(
+                f"output_name {name!r} is not an output (have: {available})", ("output_name",)
+            )
         if not _holds_scores(chosen[0]):
             raise UnsupportedModelError(
-                f"--output {name!r} is not float [N, classes] scores; name the scores output"
+                f"output_name {name!r} is not float [N, classes] scores; name the scores output",
+                ("output_name",),
             )
         return chosen[0]
     for output in outputs:
         if _holds_scores(output):
             return output
     raise UnsupportedModelError(
-        "no output holds [N, classes] float scores; name one with --output NAME"
+        "no output holds [N, classes] float scores; name one with output_name NAME",
+        ("output_name",),
     )

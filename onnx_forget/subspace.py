@@ -1,7 +1,7 @@
-"""From Gram matrices to projections: the subspace algebra of ALGORITHM.md, without an
+"""From Gram matrices to projections: the subspace algebra of docs/method.md, without an
 eigendecomposition.
 
-ALGORITHM.md writes `M = U diag(lambda) U^T` with `U`, `S^2` the eigenvectors and
+docs/method.md writes `M = U diag(lambda) U^T` with `U`, `S^2` the eigenvectors and
 eigenvalues of the Gram matrix `G = A A^T`, energies `s_i = S_i^2 / T` where
 `T = trace(G)`, and `lambda_i = alpha s_i / ((alpha - 1) s_i + 1)`. That is a rational
 function of `G` applied to its eigenvalues, so

@@ -9,7 +9,8 @@ import onnx
 import onnxruntime as ort
 
 from .errors import UnsupportedModelError, VerificationError
-from .modelio import STAGING_PREFIX, checker_problem
+from .modelio import checker_problem
+from .outputs import STAGING_PREFIX
 from .runtime import CPU, ORT_ERRORS, ir_override
 
 

@@ -1,44 +1,22 @@
-"""Shared paths and helpers: run the CLI as a user would, hash files, list folders."""
+"""Pytest fixtures shared by the test files; shared helpers and constants are in helpers.py."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-MODEL = FIXTURES / "mnist_cnn.onnx"
-SAMPLES = FIXTURES / "mnist_samples"
-HELD_OUT = FIXTURES / "mnist_heldout.npz"
-# Enough samples for a run that works, few enough for ~2 s on 2 cores (accuracy aside).
-FAST = ("--retain-per-class", "20", "--forget-samples", "20")
-CLI_TIMEOUT_S = 120
-
-
-def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m onnx_forget ARGS` in `cwd`, stdout and stderr captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "onnx_forget", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def listing(folder: Path) -> set[str]:
-    """Every path under `folder`, hidden ones included, relative to it."""
-    return {str(p.relative_to(folder)) for p in Path(folder).rglob("*")}
+from tests.helpers import (
+    MODEL,
+    Refusal,
+    refusal_case,
+    run_cli,
+    run_cli_in_parallel,
+    setup_id,
+    snapshot,
+)
 
 
 @pytest.fixture
@@ -55,3 +33,37 @@ def cli(tmp_path: Path):
         return run_cli(*args, cwd=tmp_path)
 
     return run
+
+
+@pytest.fixture
+def one_blas_thread(monkeypatch):
+    """OpenBLAS threads spin against any other process on a small machine (30 s instead
+    of 2 s for one decomposition); every CLI run of a test using this gets one thread."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def refusals(request, tmp_path_factory) -> dict:
+    """Every refusal case the session selected in this module (the `setup` parameters of
+    its tests that take this fixture), run once each, as many at a time as there are
+    cores: a refused run is mostly the CLI starting, and there are dozens of them.
+
+    Each setup gets a folder of its own holding a copy of the fixture CNN, and returns
+    the CLI arguments, the exit code and what the error line must mention (see
+    `refusal_case`); by setup, a `Refusal` whose `check()` the test calls."""
+    wanted = {
+        item.callspec.params["setup"]
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+        and "refusals" in item.fixturenames
+        and hasattr(item, "callspec")
+    }
+    cases = {}
+    for setup in wanted:
+        folder = tmp_path_factory.mktemp(setup_id(setup))
+        shutil.copy(MODEL, folder / MODEL.name)
+        cases[setup] = Refusal(folder, *refusal_case(setup, folder), before=snapshot(folder))
+    runs = run_cli_in_parallel((case.args, case.folder) for case in cases.values())
+    for case, process in zip(cases.values(), runs):
+        case.process = process
+    return cases

@@ -1,4 +1,4 @@
-"""The projected weights against a plain numpy reading of ALGORITHM.md."""
+"""The projected weights against a plain numpy reading of the paper's method (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def reference_activations(x: np.ndarray, w: dict) -> dict[str, np.ndarray]:
 
 
 def reference_projection(retain: np.ndarray, forget: np.ndarray) -> np.ndarray:
-    """ALGORITHM.md steps 2-3 from whole activation matrices, with an SVD."""
+    """The paper's steps 2-3 (docs/method.md) from whole activation matrices, with an SVD."""
 
     def importance(activations, alpha):
         u, s, _ = scipy.linalg.svd(activations, full_matrices=True)
@@ -95,7 +95,7 @@ def reference_projection(retain: np.ndarray, forget: np.ndarray) -> np.ndarray:
 
 
 def reference_weights(x, labels, weights) -> dict[str, np.ndarray]:
-    """ALGORITHM.md step 4 on every layer's weight in its stored orientation."""
+    """The paper's step 4 (docs/method.md) on every layer's weight in its stored orientation."""
     retain = reference_activations(x[labels != FORGET_CLASS], weights)
     forget = reference_activations(x[labels == FORGET_CLASS], weights)
     conv_w = weights["conv_w"].astype(np.float64)
@@ -164,7 +164,7 @@ def test_identity_projection_leaves_every_weight_bit_identical():
 
 
 def _eigen_importance(gram: np.ndarray, alpha: float) -> np.ndarray:
-    """ALGORITHM.md's `M = U diag(lambda) U^T` from an eigendecomposition of `G`."""
+    """The paper's `M = U diag(lambda) U^T` from an eigendecomposition of `G`."""
     values, vectors = np.linalg.eigh(gram)
     total = values.clip(0).sum()
     energy = values.clip(0) / total if total > 0 else np.zeros_like(values)

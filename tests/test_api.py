@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,21 +12,17 @@ from onnx import TensorProto, numpy_helper
 
 import onnx_forget
 from onnx_forget.errors import InputError, VerificationError
-from onnx_forget.modelio import OutputFiles
 from tests import models
+from tests.helpers import HELD_OUT, MODEL, SAMPLES, external_model, run_model, save_model
 from tests.models import ON_CPU, float_weights, largest_relative_difference
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-CNN = FIXTURES / "mnist_cnn.onnx"
-SAMPLES = FIXTURES / "mnist_samples"
-HELD_OUT = FIXTURES / "mnist_heldout.npz"
 SMALL = {"retain_per_class": 20, "forget_samples": 40}
 
 
 def test_fixture_cnn_forgets_each_class_and_keeps_the_others_on_average():
-    """Issue 2's bar for the paper's method on held-out digits, mean over the ten classes
-    at the paper's defaults: forget accuracy <= 15 % and retain within 3 points."""
-    model = onnx.load(CNN)
+    """The bar for the paper's method on held-out digits, mean over the ten classes at
+    the paper's defaults: forget accuracy <= 15 % and retain within 3 points."""
+    model = onnx.load(MODEL)
     before, after = [], []
     for forgotten in range(10):
         result = onnx_forget.forget(
@@ -45,9 +40,9 @@ def test_fixture_cnn_forgets_each_class_and_keeps_the_others_on_average():
 
 @pytest.mark.parametrize("forgotten", [0, 3, 8])
 def test_defaults_forget_fully_and_keep_the_other_classes(forgotten):
-    """Issue 4's goal with default options: held-out forget accuracy <= 1 % and retain
+    """The goal for the default options: held-out forget accuracy <= 1 % and retain
     accuracy within 1.5 points of the original."""
-    result = onnx_forget.forget(onnx.load(CNN), forgotten, SAMPLES, eval_samples=HELD_OUT)
+    result = onnx_forget.forget(onnx.load(MODEL), forgotten, SAMPLES, eval_samples=HELD_OUT)
     held_out = result.report.comparisons[1]
     assert result.report.options["method"] == "head-repair"
     assert held_out.after.forget <= 1.0
@@ -62,7 +57,7 @@ def test_result_does_not_depend_on_batch_size():
     """Batches only split the sums. Each batch's products are float32 (summed in float64),
     so projected weights agree to float32 rounding; the refitted head, solved from features
     of those weights, amplifies that about tenfold."""
-    model = onnx.load(CNN)
+    model = onnx.load(MODEL)
     a = onnx_forget.forget(model, 5, SAMPLES, batch_size=7, **SMALL, **ON_CPU).model
     b = onnx_forget.forget(model, 5, SAMPLES, batch_size=64, **SMALL, **ON_CPU).model
     assert largest_relative_difference(float_weights(a), float_weights(b)) < BATCHING_TOLERANCE
@@ -71,8 +66,8 @@ def test_result_does_not_depend_on_batch_size():
 def test_fixed_batch_model_runs_at_its_batch_size_with_the_same_result():
     """A model exported with batch 8 (and a last batch of 4 real samples) gives the
     weights of the dynamic-batch model."""
-    dynamic = onnx.load(CNN)
-    fixed = onnx.load(CNN)
+    dynamic = onnx.load(MODEL)
+    fixed = onnx.load(MODEL)
     for value in (*fixed.graph.input, *fixed.graph.output):
         value.type.tensor_type.shape.dim[0].dim_value = 8
     options = {"retain_per_class": 10, "forget_samples": 12, "batch_size": 64, **ON_CPU}
@@ -104,19 +99,12 @@ def test_float16_model_is_projected_and_stays_float16():
 
 def test_external_data_model_is_saved_with_external_data(tmp_path):
     """Weights kept beside the model stay beside the output, and equal the in-memory run."""
-    source = tmp_path / "model.onnx"
-    onnx.save_model(
-        onnx.load(CNN),
-        source,
-        save_as_external_data=True,
-        location="model.onnx.data",
-        size_threshold=0,
-    )
+    source, _ = external_model(tmp_path)
     result = onnx_forget.forget(source, 4, SAMPLES, **SMALL)
     assert result.output == tmp_path / "model.forget-4.onnx"
     assert (tmp_path / "model.forget-4.onnx.data").is_file()
     written = onnx.load(result.output)
-    in_memory = onnx_forget.forget(onnx.load(CNN), 4, SAMPLES, **SMALL).model
+    in_memory = onnx_forget.forget(onnx.load(MODEL), 4, SAMPLES, **SMALL).model
     assert largest_relative_difference(float_weights(written), float_weights(in_memory)) < 1e-9
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "model.forget-4.onnx",
@@ -127,7 +115,7 @@ def test_external_data_model_is_saved_with_external_data(tmp_path):
 
 
 def test_external_data_outside_the_model_folder_is_refused(tmp_path):
-    model = onnx.load(CNN)
+    model = onnx.load(MODEL)
     outside = tmp_path / "secret.bin"
     outside.write_bytes(b"\0" * 4096)
     folder = tmp_path / "models"
@@ -149,12 +137,12 @@ def test_failed_check_leaves_no_file_behind(tmp_path):
         raise VerificationError("simulated")
 
     with pytest.raises(VerificationError):
-        _save_model(onnx.load(CNN), tmp_path / "out.onnx", False, failing_check)
+        save_model(onnx.load(MODEL), tmp_path / "out.onnx", False, failing_check)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_metadata_and_interface_of_the_new_model():
-    source = onnx.load(CNN)
+    source = onnx.load(MODEL)
     result = onnx_forget.forget(source, [3, 5], SAMPLES, **SMALL)
     props = {p.key: p.value for p in result.model.metadata_props}
     assert props["onnx_forget.forgotten_classes"] == "3,5"
@@ -169,7 +157,7 @@ def test_metadata_and_interface_of_the_new_model():
 def test_tune_picks_the_grid_point_with_the_best_validation_score(tmp_path):
     """The written model is the printed grid's maximum, and its alphas are recorded."""
     tuned = onnx_forget.tune(
-        CNN,
+        MODEL,
         3,
         SAMPLES,
         alpha_r_grid=(10, 100),
@@ -188,7 +176,7 @@ def test_tune_picks_the_grid_point_with_the_best_validation_score(tmp_path):
 
 def test_second_round_accumulates_the_history(tmp_path):
     """Forgetting 3, then 5 on the result: both are recorded, oldest first."""
-    first = onnx_forget.forget(CNN, 3, SAMPLES, output=tmp_path / "no3.onnx", **SMALL)
+    first = onnx_forget.forget(MODEL, 3, SAMPLES, output=tmp_path / "no3.onnx", **SMALL)
     second = onnx_forget.forget(first.output, 5, SAMPLES, output=tmp_path / "no35.onnx", **SMALL)
     props = {p.key: p.value for p in second.model.metadata_props}
     assert props["onnx_forget.forgotten_classes"] == "3,5"
@@ -197,22 +185,15 @@ def test_second_round_accumulates_the_history(tmp_path):
     assert history[1]["source_sha256"] == hashlib.sha256(first.output.read_bytes()).hexdigest()
 
 
-def _save_model(model, path, external_data, check) -> None:
-    """Stage, check and commit one model, as a forget run writes its output."""
-    with OutputFiles() as files:
-        files.add_model(model, path, external_data, check)
-        files.commit()
-
-
 def test_tune_writes_the_model_forget_writes_at_the_best_alphas(tmp_path):
     """Grid points share the collected head logits without changing them: the model tune
     writes is byte for byte the one forget writes at the chosen α."""
     grid = {"alpha_r_grid": (30, 100), "alpha_f_grid": (3, 10)}
     tuned = onnx_forget.tune(
-        CNN, 3, SAMPLES, eval_samples=HELD_OUT, output=tmp_path / "tuned.onnx", **grid, **SMALL
+        MODEL, 3, SAMPLES, eval_samples=HELD_OUT, output=tmp_path / "tuned.onnx", **grid, **SMALL
     )
     onnx_forget.forget(
-        CNN,
+        MODEL,
         3,
         SAMPLES,
         eval_samples=HELD_OUT,
@@ -246,20 +227,13 @@ def test_token_wise_head_is_projected_without_repair_and_says_so():
     model = _token_head_model()
     rng = np.random.default_rng(1)
     x = rng.normal(size=(60, 4, 6)).astype(np.float32)
-    y = np.argmax(_scores(model, x), axis=1)
+    y = np.argmax(run_model(model, x), axis=1)
     result = onnx_forget.forget(model, 1, (x, y), retain_per_class=20, forget_samples=20)
     assert result.report.options["method"] == "paper"
     assert any(
         "head repair skipped" in note and "[n, 4, 3]" in note for note in result.report.notes
     )
     assert "head repair skipped" in result.report.format()
-
-
-def _scores(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def test_evaluate_runs_a_model_without_projectable_layers():

@@ -15,11 +15,22 @@ import onnxruntime as ort
 import pytest
 
 import onnx_forget
-from tests.conftest import FAST, HELD_OUT, MODEL, SAMPLES, listing, run_cli, sha256
+from tests.helpers import (
+    EXIT_UNSUPPORTED,
+    EXIT_USAGE,
+    FAST,
+    HELD_OUT,
+    MODEL,
+    PROGRAM,
+    SAMPLES,
+    forget_args,
+    listing,
+    png_folder,
+    run_cli,
+    sha256,
+)
 
-PROGRAM = "onnx-forget"
 FORGOTTEN = 3
-EXIT_USAGE, EXIT_UNSUPPORTED = 2, 3
 REPORT_KEYS = {
     "format",
     "model",
@@ -62,15 +73,6 @@ def _assert_refused(process, code: int, before: set[str], after: set[str]) -> No
     assert lines[0].startswith(f"{PROGRAM}: error: "), process.stderr
     assert process.stdout == ""
     assert after == before
-
-
-def _png_folder(root: Path, classes=(3, 4), per_class: int = 5) -> Path:
-    """A class-per-folder copy of the first `per_class` fixture digits of `classes`."""
-    for label in classes:
-        (root / str(label)).mkdir(parents=True)
-        for source in sorted((SAMPLES / str(label)).iterdir())[:per_class]:
-            shutil.copy(source, root / str(label) / source.name)
-    return root
 
 
 # --- one full run at default sample counts, checked from several sides ----------------
@@ -252,7 +254,7 @@ def _empty_samples_folder(tmp, model):
 
 
 def _class_folder_without_samples(tmp, model):
-    _png_folder(tmp / "samples", classes=(3,))
+    png_folder(tmp / "samples", classes=(3,))
     (tmp / "samples" / "4").mkdir()
     return [model.name, "--forget-class", "3", "--samples", "samples"]
 
@@ -276,19 +278,19 @@ def _unknown_output_name(tmp, model):
 
 
 def _npy_of_the_wrong_shape(tmp, model):
-    _png_folder(tmp / "samples")
+    png_folder(tmp / "samples")
     np.save(tmp / "samples" / "3" / "wide.npy", np.zeros((1, 28, 29), np.float32))
     return [model.name, "--forget-class", "3", "--samples", "samples", *FAST]
 
 
 def _corrupt_png(tmp, model):
-    _png_folder(tmp / "samples")
+    png_folder(tmp / "samples")
     (tmp / "samples" / "3" / "corrupt.png").write_bytes(np.random.default_rng(0).bytes(512))
     return [model.name, "--forget-class", "3", "--samples", "samples", *FAST]
 
 
 def _forget_every_class_present(tmp, model):
-    _png_folder(tmp / "samples", classes=(3,))
+    png_folder(tmp / "samples", classes=(3,))
     return [model.name, "--forget-class", "3", "--samples", "samples", *FAST]
 
 
@@ -389,7 +391,7 @@ def test_quiet_prints_nothing(cli, model, tmp_path):
 
 def test_non_sample_files_are_skipped_and_counted(cli, model, tmp_path):
     """README and .DS_Store in class folders are skipped and counted in samples.skipped_files."""
-    samples = _png_folder(tmp_path / "samples", classes=range(10), per_class=10)
+    samples = png_folder(tmp_path / "samples", classes=range(10), per_class=10)
     (samples / "0" / "README").write_text("digits\n")
     (samples / "3" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (samples / "7" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
@@ -438,3 +440,12 @@ def test_tune_prints_the_grid_and_marks_the_best(cli, model, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("<- best") == 1
     assert (tmp_path / "tuned.onnx").is_file()
+
+
+@pytest.mark.usefixtures("one_blas_thread")
+def test_same_inputs_and_seed_give_a_byte_identical_model(tmp_path, model):
+    """Two runs with the same inputs and --seed write the same bytes."""
+    for name in ("a.onnx", "b.onnx"):
+        process = run_cli(*forget_args(model.name), "--seed", "7", "-o", name, "-q", cwd=tmp_path)
+        assert process.returncode == 0, process.stderr
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

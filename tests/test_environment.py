@@ -14,12 +14,10 @@ import onnx
 import pytest
 
 import onnx_forget
-from onnx_forget import modelio
+from onnx_forget import outputs
 from onnx_forget.errors import VerificationError
 from onnx_forget.runtime import TYPE_IR_VERSIONS, newest_ir_version
-from tests.conftest import FAST, HELD_OUT, MODEL, SAMPLES, run_cli
-
-EXIT_UNSUPPORTED = 3
+from tests.helpers import EXIT_UNSUPPORTED, FAST, FEW_SAMPLES, HELD_OUT, MODEL, SAMPLES, run_cli
 
 
 def _newer_ir() -> int:
@@ -133,10 +131,7 @@ def test_written_files_follow_the_umask_which_is_never_changed(tmp_path, monkeyp
 
         monkeypatch.setattr(os, "umask", no_umask)
         model = Path(shutil.copy(MODEL, tmp_path / "model.onnx"))
-        onnx_forget.forget(
-            model, 3, SAMPLES, report=tmp_path / "report.json", retain_per_class=5,
-            forget_samples=5,
-        )  # fmt: skip
+        onnx_forget.forget(model, 3, SAMPLES, report=tmp_path / "report.json", **FEW_SAMPLES)
     finally:
         monkeypatch.undo()
         os.umask(mask)
@@ -150,12 +145,12 @@ def test_a_checker_failure_of_any_kind_is_a_verification_error(tmp_path, monkeyp
     real_check = onnx.checker.check_model
 
     def failing_on_the_output(model, *args, **kwargs):
-        if isinstance(model, str) and modelio.STAGING_PREFIX in model:
+        if isinstance(model, str) and outputs.STAGING_PREFIX in model:
             raise RuntimeError("simulated checker failure")
         return real_check(model, *args, **kwargs)
 
     monkeypatch.setattr(onnx.checker, "check_model", failing_on_the_output)
     model = Path(shutil.copy(MODEL, tmp_path / "model.onnx"))
     with pytest.raises(VerificationError, match="simulated"):
-        onnx_forget.forget(model, 3, SAMPLES, retain_per_class=5, forget_samples=5)
+        onnx_forget.forget(model, 3, SAMPLES, **FEW_SAMPLES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

@@ -5,38 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import scipy.special
 
 import onnx_forget
 from onnx_forget.metrics import membership_attack
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-CNN = FIXTURES / "mnist_cnn.onnx"
-SAMPLES = FIXTURES / "mnist_samples"
-HELD_OUT = FIXTURES / "mnist_heldout.npz"
+from tests.helpers import HELD_OUT, MODEL, SAMPLES, run_model
 
 
 def _direct_scores(path: Path, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": x})[0].astype(np.float64)
+    return run_model(path, x).astype(np.float64)
 
 
 @pytest.fixture(scope="module")
 def forgotten(tmp_path_factory) -> Path:
     """The CNN with class 3 forgotten (small sample counts: evaluation is the point)."""
     output = tmp_path_factory.mktemp("models") / "cnn-no3.onnx"
-    onnx_forget.forget(CNN, 3, SAMPLES, output=output, retain_per_class=30, forget_samples=60)
+    onnx_forget.forget(MODEL, 3, SAMPLES, output=output, retain_per_class=30, forget_samples=60)
     return output
 
 
 def test_evaluation_agrees_with_a_direct_onnxruntime_computation(forgotten):
     with np.load(HELD_OUT) as archive:
         x, y = archive["x"], archive["y"]
-    evaluation = onnx_forget.evaluate(forgotten, HELD_OUT, reference=CNN)
+    evaluation = onnx_forget.evaluate(forgotten, HELD_OUT, reference=MODEL)
     assert evaluation.forgotten_classes == [3]  # read from the model's metadata
-    new, original = _direct_scores(forgotten, x), _direct_scores(CNN, x)
+    new, original = _direct_scores(forgotten, x), _direct_scores(MODEL, x)
     predictions = np.argmax(new, axis=1)
     for label in range(10):
         expected = 100 * np.mean(predictions[y == label] == label)
@@ -54,7 +48,7 @@ def test_evaluation_agrees_with_a_direct_onnxruntime_computation(forgotten):
 def test_membership_share_of_the_forgotten_class_drops(forgotten):
     """The original model is confident on class 3's training digits, as on other members;
     after forgetting, the attack no longer calls them members."""
-    evaluation = onnx_forget.evaluate(forgotten, HELD_OUT, reference=CNN, members=SAMPLES)
+    evaluation = onnx_forget.evaluate(forgotten, HELD_OUT, reference=MODEL, members=SAMPLES)
     assert evaluation.membership["reference"] > 50
     assert evaluation.membership["model"] < evaluation.membership["reference"] - 40
 

@@ -20,11 +20,11 @@ from onnx_forget.layer_scan import scan_layers
 from onnx_forget.runtime import CPU, CUDA, cuda_starts, onnxruntime_gram, open_runner
 from onnx_forget.taps import add_taps
 from tests import models
-from tests.conftest import FAST, FIXTURES, MODEL, SAMPLES
+from tests.helpers import FAST, FIXTURES, MODEL, SAMPLES
 from tests.models import float_weights, largest_relative_difference
 
 OPTIONS = {"retain_per_class": 20, "forget_samples": 20, "method": "paper"}
-WEIGHT_TOLERANCE = 1e-4  # issue 6: CUDA weights match the CPU's to 1e-4 relative
+WEIGHT_TOLERANCE = 1e-4  # the bar for CUDA: its weights match the CPU's to 1e-4 relative
 # Both sum float32 products of the same rows into float64; only the summation order differs.
 GRAM_TOLERANCE = 1e-6
 

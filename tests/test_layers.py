@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_forget.layer_scan import CONV, IN_OUT, OUT_IN, scan_layers
 from onnx_forget.rewrite import rewrite_model
 from tests import models
+from tests.helpers import run_model
 from tests.models import by_matrix
 
 K, N = 6, 3
-
-
-def _run(model, x):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
 
 
 def _fc_input(dtype=TensorProto.FLOAT):
@@ -60,8 +55,8 @@ def test_weight_through_cast_and_transpose_is_projected_in_its_stored_type():
     assert new_weight.dtype == np.float16 and new_weight.shape == (N, K)
     x = rng.normal(size=(5, K)).astype(np.float32)
     p = projections[layer.statistic_key][0]
-    expected = _run(model, (x @ p).astype(np.float32))
-    np.testing.assert_allclose(_run(rewritten, x), expected, rtol=2e-2, atol=2e-2)
+    expected = run_model(model, (x @ p).astype(np.float32))
+    np.testing.assert_allclose(run_model(rewritten, x), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_gemm_orientations_and_constant_node_weight():
@@ -93,7 +88,7 @@ def test_gemm_orientations_and_constant_node_weight():
     w1 = numpy_helper.to_array(model.graph.node[0].attribute[0].t).astype(np.float64)
     w2 = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
     expected = ((x @ p1) @ w1.T) @ p2 @ w2
-    np.testing.assert_allclose(_run(rewritten, x), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_model(rewritten, x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_shared_weight_gets_one_copy_per_layer_and_other_readers_keep_the_original():
@@ -120,7 +115,7 @@ def test_shared_weight_gets_one_copy_per_layer_and_other_readers_keep_the_origin
     p1, p2 = (projections[layer.statistic_key][0] for layer in layers)
     x = rng.normal(size=(K, K)).astype(np.float32)  # K rows, so the Add broadcasts
     expected = (x @ p1 @ weight) @ p2 @ weight + weight
-    np.testing.assert_allclose(_run(rewritten, x), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_model(rewritten, x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_unused_original_is_dropped_when_every_reader_got_a_copy():

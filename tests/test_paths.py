@@ -2,6 +2,8 @@
 
 Each clash is run through the CLI as a user would and checked from four sides: exit 2, one
 stderr line naming the output, every file of the run's folder byte-identical, nothing new.
+An output folder that takes no file is refused the same way, and a link planted where an
+output's external data goes is replaced, never written through.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +18,30 @@ import onnx
 import pytest
 
 import onnx_forget
-from onnx_forget import modelio
+from onnx_forget import outputs
 from onnx_forget.errors import InputError
 from onnx_forget.modelio import load_model
-from tests.conftest import FAST, HELD_OUT, MODEL, SAMPLES, listing, run_cli, sha256
-
-EXIT_USAGE = 2
-FEW = ("--retain-per-class", "5", "--forget-samples", "5")
-EXTERNAL = MODEL.parent / "mnist_cnn_external"
-
-
-def _snapshot(folder: Path) -> dict[str, str | None]:
-    """Every path under `folder` with its file's SHA-256 (links and folders: their target)."""
-    state = {}
-    for name in listing(folder):
-        path = folder / name
-        if path.is_symlink():
-            state[name] = "-> " + os.readlink(path)
-        else:
-            state[name] = sha256(path) if path.is_file() else None
-    return state
+from tests.helpers import (
+    EXIT_USAGE,
+    EXTERNAL,
+    FAST,
+    FEW,
+    FEW_SAMPLES,
+    HELD_OUT,
+    MODEL,
+    SAMPLES,
+    SECRET,
+    external_model,
+    forget_args,
+    listing,
+    png_folder,
+    run_cli,
+    run_cli_in_parallel,
+    secret_file,
+    setup_id,
+    sha256,
+    snapshot,
+)
 
 
 def _run_folder(folder: Path) -> None:
@@ -44,10 +49,7 @@ def _run_folder(folder: Path) -> None:
     folder, held-out samples, statistics files, class names, and links to them."""
     shutil.copy(MODEL, folder / "model.onnx")
     shutil.copytree(EXTERNAL, folder / "external")
-    for label in ("3", "4"):
-        (folder / "samples" / label).mkdir(parents=True)
-        for source in sorted((SAMPLES / label).iterdir())[:5]:
-            shutil.copy(source, folder / "samples" / label / source.name)
+    png_folder(folder / "samples")
     shutil.copy(HELD_OUT, folder / "heldout.npz")
     (folder / "classes.txt").write_text("".join(f"{c}\n" for c in range(10)))
     (folder / "model-link.onnx").symlink_to("model.onnx")
@@ -157,14 +159,12 @@ def clashes(tmp_path_factory, statistics_files) -> dict:
         for statistics in statistics_files:
             shutil.copy(statistics, folder / statistics.name)
         cases[name] = (folder, [*args, *_sample_caps(args[0])], mentioned)
-    before = {name: _snapshot(folder) for name, (folder, _, _) in cases.items()}
-    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(os.cpu_count()) as pool:
-        patch.setenv("OPENBLAS_NUM_THREADS", "1")
-        runs = pool.map(lambda case: run_cli(*case[1], cwd=case[0]), cases.values())
-        return {
-            name: (process, mentioned, before[name], folder)
-            for (name, (folder, _, mentioned)), process in zip(cases.items(), runs)
-        }
+    before = {name: snapshot(folder) for name, (folder, _, _) in cases.items()}
+    runs = run_cli_in_parallel((args, folder) for folder, args, _ in cases.values())
+    return {
+        name: (process, mentioned, before[name], folder)
+        for (name, (folder, _, mentioned)), process in zip(cases.items(), runs)
+    }
 
 
 def _sample_caps(command: str) -> tuple[str, ...]:
@@ -179,7 +179,7 @@ def test_an_output_that_is_an_input_is_refused(clashes, name):
     lines = process.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("onnx-forget: error: "), process.stderr
     assert mentioned in lines[0], lines[0]
-    assert _snapshot(folder) == before
+    assert snapshot(folder) == before
 
 
 def test_a_report_replaces_an_old_report_without_force(tmp_path):
@@ -198,19 +198,15 @@ def test_a_failed_report_leaves_no_model(tmp_path, monkeypatch):
     """The report is staged before the model is renamed: failing to write it leaves the
     folder as it was."""
     model = Path(shutil.copy(MODEL, tmp_path / "model.onnx"))
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
 
     def full_disk(self, path, write):
         raise InputError(f"{path}: cannot write it (No space left on device)")
 
-    monkeypatch.setattr(modelio.OutputFiles, "add_file", full_disk)
+    monkeypatch.setattr(outputs.OutputFiles, "add_file", full_disk)
     with pytest.raises(InputError, match="No space left"):
-        onnx_forget.forget(model, 3, SAMPLES, report=tmp_path / "report.json", **_few())
-    assert _snapshot(tmp_path) == before
-
-
-def _few() -> dict:
-    return {"retain_per_class": 5, "forget_samples": 5}
+        onnx_forget.forget(model, 3, SAMPLES, report=tmp_path / "report.json", **FEW_SAMPLES)
+    assert snapshot(tmp_path) == before
 
 
 def _external_pair(folder: Path, forget_class: int) -> Path:
@@ -220,7 +216,7 @@ def _external_pair(folder: Path, forget_class: int) -> Path:
         shutil.copytree(EXTERNAL, folder, dirs_exist_ok=True)
     onnx_forget.forget(
         folder / "model.onnx", forget_class, SAMPLES, output=folder / "out.onnx", force=True,
-        **_few(),
+        **FEW_SAMPLES,
     )  # fmt: skip
     return folder / "out.onnx"
 
@@ -243,7 +239,7 @@ def test_replacing_a_pair_keeps_it_whole_if_interrupted_between_renames(tmp_path
             raise KeyboardInterrupt
         real_replace(source, destination)
 
-    monkeypatch.setattr(modelio.os, "replace", interrupted_second)
+    monkeypatch.setattr(outputs.os, "replace", interrupted_second)
     with pytest.raises(KeyboardInterrupt):
         _external_pair(tmp_path, 4)
     assert renames[1] == "out.onnx" and renames[0].endswith(".data")
@@ -303,3 +299,33 @@ def test_a_clean_run_writes_exactly_its_outputs(tmp_path):
     assert process.returncode == 0, process.stderr
     assert listing(tmp_path) - before == {"out.onnx", "out.onnx.data", "report.json"}
     assert json.loads((tmp_path / "report.json").read_text())["output"] == "out.onnx"
+
+
+# --- outputs that cannot be written, or written through ---------------------------------
+
+
+def _unwritable_output_folder(tmp):
+    """sysfs takes no new file, even from root (for whom permissions are no test)."""
+    return forget_args(MODEL.name, SAMPLES, "-o", "/sys/out.onnx"), EXIT_USAGE, ("/sys",)
+
+
+@pytest.mark.parametrize("setup", [_unwritable_output_folder], ids=setup_id)
+@pytest.mark.usefixtures("one_blas_thread")
+def test_unwritable_output_folder_is_refused(refusals, setup):
+    """Nowhere to write the output: exit 2 naming the folder, after the whole run."""
+    refusals[setup].check()
+
+
+@pytest.mark.usefixtures("one_blas_thread")
+def test_external_data_is_written_inside_the_output_folder_only(tmp_path):
+    """A link planted where the output's `.data` goes is replaced, not written through."""
+    external_model(tmp_path / "models")
+    victim = secret_file(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "new.onnx.data").symlink_to(victim)
+    process = run_cli(*forget_args("models/model.onnx"), "-o", "out/new.onnx", "-q", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    assert victim.read_bytes() == SECRET
+    assert not (tmp_path / "out" / "new.onnx.data").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new.onnx", "new.onnx.data"]
+    assert len(load_model(tmp_path / "out" / "new.onnx").proto.graph.initializer) == 10

@@ -15,7 +15,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +29,7 @@ from onnx_forget.rewrite import rewrite_model
 from onnx_forget.samples import open_samples
 from onnx_forget.signature import Signature
 from tests import models
+from tests.helpers import run_model
 from tests.models import by_matrix
 
 # Reproducible in CI and quick on two cores: a fixed, small set of examples per property.
@@ -51,11 +51,6 @@ STORED_TYPES = {
 }
 SAMPLE_SHAPE = (1, 28, 28)
 SIGNATURE = Signature("input", (None, *SAMPLE_SHAPE), np.dtype(np.float32), "logits", 10)
-
-
-def _session_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
 
 
 def _any_shape(name: str, rank: int) -> onnx.ValueInfoProto:
@@ -167,7 +162,7 @@ def test_projected_conv_through_patches_equals_onnxruntime(case):
     x = rng.normal(size=(case["batch"], groups * case["in_per_group"], *case["sizes"]))
     x = x.astype(np.float32).astype(np.float64)
 
-    got = _session_run(rewritten, x.astype(np.float32))
+    got = run_model(rewritten, x.astype(np.float32))
     expected = _apply(x, projected, layer)
     assert got.shape == expected.shape
     assert np.all(np.abs(got - expected) <= _float32_tolerance(x, projected, layer, 0.0))
@@ -278,7 +273,7 @@ def test_projected_layer_equals_the_original_on_transformed_inputs(case):
     original = _as_the_layer_sees_it(model.graph.initializer[0], case, layer)
     projected = _as_the_layer_sees_it(rewritten.graph.initializer[0], case, layer)
     x64 = x.astype(np.float64)
-    got = _session_run(rewritten, x)
+    got = run_model(rewritten, x)
     expected = _apply(x64, original, layer, transform=projection)
     eps = _eps(STORED_TYPES[case["stored"]])
     assert np.all(np.abs(got - expected) <= _float32_tolerance(x64, projected, layer, eps))

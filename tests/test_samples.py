@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
@@ -17,9 +16,9 @@ from onnx_forget.errors import InputError
 from onnx_forget.options import Preprocessing
 from onnx_forget.samples import open_samples, select_samples
 from onnx_forget.signature import Signature, read_signature
-from tests.conftest import MODEL, SAMPLES
+from tests import models
+from tests.helpers import MODEL, SAMPLES, run_model
 
-IR_VERSION, OPSET = 10, 17
 # The tiny image models: [N, 3, HEIGHT, WIDTH] (or NHWC), unequal sides to catch swaps.
 HEIGHT, WIDTH = 20, 16
 FILE_WIDTH, FILE_HEIGHT = 40, 30
@@ -43,22 +42,12 @@ def _image_model(input_dims: tuple[int, ...], nhwc: bool = False) -> onnx.ModelP
         helper.make_node("GlobalAveragePool", ["conv"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["scores"]),
     ]
-    graph = helper.make_graph(
+    return models.make_model(
         nodes,
-        "image",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_dims])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2])],
         [numpy_helper.from_array(weight, "w")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
-
-
-def _scores(model: onnx.ModelProto, batch: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": batch})[0]
 
 
 def _gradient(seed: int) -> np.ndarray:
@@ -244,7 +233,7 @@ def test_rgb_input_gets_grayscale_files_as_three_channels_resized(tmp_path):
         ]
     )
     np.testing.assert_allclose(batch, expected, rtol=1e-6, atol=0)
-    assert _scores(model, batch).shape == (2, 2)
+    assert run_model(model, batch).shape == (2, 2)
 
 
 def test_rgb_mean_and_std_apply_per_channel_in_rgb_order(tmp_path):
@@ -279,7 +268,7 @@ def test_nhwc_input_gets_hwc_arrays(tmp_path):
         / 255
     )
     np.testing.assert_allclose(batch[0], expected, rtol=1e-6, atol=0)
-    assert _scores(model, batch).shape == (1, 2)
+    assert run_model(model, batch).shape == (1, 2)
 
 
 def test_image_files_for_an_input_that_takes_no_images_are_an_input_error(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,24 +13,23 @@ import pytest
 import onnx_forget
 from onnx_forget.errors import InputError
 from onnx_forget.gram_file import load_statistics
+from tests.helpers import HELD_OUT, MODEL
 from tests.models import ON_CPU, float_weights, largest_relative_difference
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-CNN = FIXTURES / "mnist_cnn.onnx"
 PER_CLASS = 15
 
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """`PER_CLASS` held-out digits of each class, as (x, y) arrays."""
-    with np.load(FIXTURES / "mnist_heldout.npz") as archive:
+    with np.load(HELD_OUT) as archive:
         x, y = archive["x"], archive["y"]
     chosen = np.concatenate([np.flatnonzero(y == c)[:PER_CLASS] for c in range(10)])
     return x[chosen], y[chosen]
 
 
 def test_statistics_round_trip_through_a_file(tmp_path, digits):
-    collected = onnx_forget.collect(CNN, digits, classes=[1, 3, 7])
+    collected = onnx_forget.collect(MODEL, digits, classes=[1, 3, 7])
     collected.save(tmp_path / "stats.npz")
     loaded = load_statistics(tmp_path / "stats.npz")
     assert loaded.samples == {1: PER_CLASS, 3: PER_CLASS, 7: PER_CLASS}
@@ -47,10 +45,10 @@ def test_merge_of_two_shards_equals_one_collection_over_both(tmp_path, digits):
     x, y = digits
     halves = [np.arange(len(y)) % 2 == parity for parity in (0, 1)]
     for name, half in zip(("a", "b"), halves):
-        part = onnx_forget.collect(CNN, (x[half], y[half]), max_patches=0, **ON_CPU)
+        part = onnx_forget.collect(MODEL, (x[half], y[half]), max_patches=0, **ON_CPU)
         part.save(tmp_path / f"{name}.npz")
     merged = onnx_forget.merge([tmp_path / "a.npz", tmp_path / "b.npz"])
-    whole = onnx_forget.collect(CNN, (x, y), max_patches=0, **ON_CPU)
+    whole = onnx_forget.collect(MODEL, (x, y), max_patches=0, **ON_CPU)
     assert merged.samples == whole.samples
     for key, gram in whole.grams.items():
         assert np.max(np.abs(merged.grams[key] - gram)) <= 1e-6 * np.max(np.abs(gram))
@@ -60,25 +58,25 @@ def test_merge_of_two_shards_equals_one_collection_over_both(tmp_path, digits):
 def test_forgetting_from_statistics_equals_forgetting_from_samples(tmp_path, digits):
     """Same samples, same options (patch sampling included): the same weights, to float32
     rounding (collection batches each class apart, a forget run batches each set)."""
-    onnx_forget.collect(CNN, digits, **ON_CPU).save(tmp_path / "stats.npz")
+    onnx_forget.collect(MODEL, digits, **ON_CPU).save(tmp_path / "stats.npz")
     from_stats = onnx_forget.forget(
-        CNN, 3, stats=tmp_path / "stats.npz", output=tmp_path / "a.onnx"
+        MODEL, 3, stats=tmp_path / "stats.npz", output=tmp_path / "a.onnx"
     )
     assert from_stats.report.options["method"] == "paper"  # the head repair needs samples
     from_samples = onnx_forget.forget(
-        CNN, 3, digits, output=tmp_path / "b.onnx", method="paper", **ON_CPU
+        MODEL, 3, digits, output=tmp_path / "b.onnx", method="paper", **ON_CPU
     )
     difference = largest_relative_difference(
         float_weights(from_stats.model), float_weights(from_samples.model)
     )
     assert difference <= 1e-6
-    original = float_weights(onnx.load(CNN))
+    original = float_weights(onnx.load(MODEL))
     assert largest_relative_difference(float_weights(from_stats.model), original) > 1e-3
 
 
 def test_statistics_of_another_model_are_refused(tmp_path, digits):
-    onnx_forget.collect(CNN, digits, classes=[2, 3]).save(tmp_path / "stats.npz")
-    other = onnx.load(CNN)
+    onnx_forget.collect(MODEL, digits, classes=[2, 3]).save(tmp_path / "stats.npz")
+    other = onnx.load(MODEL)
     other.graph.initializer[0].raw_data = bytes(len(other.graph.initializer[0].raw_data))
     onnx.save(other, tmp_path / "other.onnx")
     with pytest.raises(InputError, match="another model"):
@@ -86,8 +84,8 @@ def test_statistics_of_another_model_are_refused(tmp_path, digits):
 
 
 def test_merge_refuses_statistics_collected_with_other_options(tmp_path, digits):
-    onnx_forget.collect(CNN, digits, classes=[1], seed=0).save(tmp_path / "a.npz")
-    onnx_forget.collect(CNN, digits, classes=[2], seed=1).save(tmp_path / "b.npz")
+    onnx_forget.collect(MODEL, digits, classes=[1], seed=0).save(tmp_path / "a.npz")
+    onnx_forget.collect(MODEL, digits, classes=[2], seed=1).save(tmp_path / "b.npz")
     with pytest.raises(InputError, match="options differs"):
         onnx_forget.merge([tmp_path / "a.npz", tmp_path / "b.npz"])
 
@@ -121,14 +119,14 @@ def _header_variants(good: dict) -> dict[str, object]:
 )  # fmt: skip
 def test_malformed_statistics_header_is_a_usage_error(tmp_path, digits, variant):
     """Any header `save` would not write is exit 2 naming the file, never an internal error."""
-    onnx_forget.collect(CNN, digits, classes=[3, 4]).save(tmp_path / "good.npz")
+    onnx_forget.collect(MODEL, digits, classes=[3, 4]).save(tmp_path / "good.npz")
     with np.load(tmp_path / "good.npz") as archive:
         arrays = {name: archive[name] for name in archive.files}
     good = json.loads(str(arrays["header"]))
     arrays["header"] = np.array(json.dumps(_header_variants(good)[variant]))
     np.savez(tmp_path / "bad.npz", **arrays)
     process = subprocess.run(
-        [sys.executable, "-m", "onnx_forget", CNN, "--forget-class", "3", "--stats",
+        [sys.executable, "-m", "onnx_forget", MODEL, "--forget-class", "3", "--stats",
          tmp_path / "bad.npz", "-o", tmp_path / "out.onnx"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

@@ -1,0 +1,248 @@
+"""From a `SamplePass` to a written model: choose the method, project and rewrite the
+weights, refit the head, compare before and after, then write model and report together."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .layer_scan import Head, LayerScan
+from .metrics import Accuracy, confusion, membership_share
+from .modelio import LoadedModel
+from .opened import OpenedModel, PathArgument, Samples
+from .options import METHODS, ForgetOptions
+from .outputs import OutputFiles, needs_external_data
+from .passes import SamplePass
+from .repair import repair_head
+from .report import Comparison, Report, layer_rows
+from .rewrite import rewrite_model
+from .samples import SampleSet
+from .subspace import Projections
+from .timing import PhaseTimer
+from .verify import verify_file, verify_model
+from .version import VERSION
+
+REPAIR, PAPER = METHODS
+
+
+@dataclass(frozen=True)
+class Method:
+    """The method a run applies, and why it is not the one asked for when it is not."""
+
+    name: str
+    note: str | None = None
+
+
+def choose_method(settings: ForgetOptions, measured: SamplePass) -> Method:
+    """The head repair needs fit samples and a head whose logits could be refitted."""
+    if settings.method == PAPER:
+        return Method(PAPER)
+    fit = measured.fit
+    if fit is not None and fit.head_logits is not None:
+        return Method(REPAIR)
+    if fit is None:
+        reason = "a statistics file holds no samples to refit the head with"
+    else:
+        reason = fit.head_problem or (
+            "no fully connected layer with one output per class feeds the scores"
+        )
+    return Method(PAPER, f"head repair skipped: {reason}; the paper's method was applied")
+
+
+def build_model(
+    opened: OpenedModel,
+    measured: SamplePass,
+    classes: list[int],
+    alphas: tuple[float, float],
+    timer: PhaseTimer,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """The projected model, its head refitted when the method allows; and the names of the
+    weight copies made for shared weights."""
+    alpha_r, alpha_f = alphas
+    metadata = provenance(opened.loaded, classes, alpha_r, alpha_f, measured.counts)
+    projections = Projections(measured.spaces, alpha_r, alpha_f, lambda: timer("decompose"))
+    model, copies = rewrite_model(
+        opened.loaded.proto, opened.scan.layers, projections.factor, metadata
+    )
+    if choose_method(opened.settings, measured).name == REPAIR:
+        model = repair_head(opened, model, measured.fit, classes)
+    return model, copies
+
+
+def score_alphas(
+    opened: OpenedModel,
+    measured: SamplePass,
+    classes: list[int],
+    points: list[tuple[float, float]],
+    validation: SampleSet,
+    indices: np.ndarray,
+    timer: PhaseTimer,
+) -> list[dict]:
+    """Each (α_r, α_f) of `points` built in memory and scored on the validation samples
+    by `retain_acc * (100 - forget_acc)`, the paper's criterion."""
+    labels = validation.labels[indices]
+    grid = []
+    for alpha_r, alpha_f in points:
+        candidate, _ = build_model(opened, measured, classes, (alpha_r, alpha_f), timer)
+        scores = opened.scores(opened.runner(candidate), validation, indices)
+        accuracy = Accuracy.of(labels, np.argmax(scores, axis=1), classes)
+        grid.append(
+            {
+                "alpha_r": float(alpha_r),
+                "alpha_f": float(alpha_f),
+                "retain": accuracy.retain,
+                "forget": accuracy.forget,
+                "score": accuracy.retain * (100.0 - accuracy.forget),
+            }
+        )
+    return grid
+
+
+def head_to_refit(opened: OpenedModel) -> Head | None:
+    """The head whose logits a pass over the samples must keep: only the head repair
+    refits one."""
+    return opened.head() if opened.settings.method == REPAIR else None
+
+
+def finish(
+    opened: OpenedModel,
+    built: tuple[onnx.ModelProto, list[str]],
+    measured: SamplePass,
+    classes: list[int],
+    alphas: tuple[float, float],
+    written: Path | None,
+    eval_samples: Samples | None,
+    report_path: PathArgument | None,
+    timer: PhaseTimer,
+    tuning: list[dict] | None = None,
+) -> Report:
+    """Evaluate the `built` model and its weight copies, then stage and verify the model
+    and the report and rename both into place. Evaluating first means a bad evaluation
+    file or a Ctrl-C while evaluating leaves no output behind."""
+    new_model, copies = built
+    with timer("evaluate"):
+        comparisons, where, membership = compare(opened, new_model, measured, classes, eval_samples)
+    with OutputFiles() as files:
+        with timer("save"):
+            if written is None:
+                verify_model(new_model, opened.loaded.proto)
+            else:
+                files.add_model(
+                    new_model,
+                    written,
+                    needs_external_data(new_model, opened.loaded.has_external_data),
+                    lambda staged: verify_file(staged, opened.loaded.proto),
+                )
+        method = choose_method(opened.settings, measured)
+        options = settings_dict(opened.settings)
+        options.update(alpha_r=float(alphas[0]), alpha_f=float(alphas[1]), method=method.name)
+        report = Report(
+            model=opened.loaded.where if opened.loaded.path else "(in memory)",
+            output=str(written) if written else None,
+            forgotten_classes=classes,
+            options=options,
+            provider=measured.provider,
+            provider_note=measured.provider_note,
+            layers=layer_rows(LayerScan(opened.scan.layers, ())),
+            skipped_layers=layer_rows(LayerScan((), opened.scan.skipped)),
+            copied_weights=copies,
+            samples=measured.counts,
+            comparisons=comparisons,
+            timings=timer.seconds,
+            confusion=where,
+            membership=membership,
+            notes=[method.note] if method.note else [],
+            tuning=tuning,
+        )
+        if report_path is not None:
+            files.add_text(Path(report_path), json_text(report.to_dict()))
+        files.commit()
+    return report
+
+
+def compare(
+    opened: OpenedModel,
+    new_model: onnx.ModelProto,
+    measured: SamplePass,
+    classes: list[int],
+    eval_samples: Samples | None,
+):
+    """Before/after accuracy on the fit samples and on `eval_samples`, where the forgotten
+    samples now go, and with both sets the membership-inference share of the forgotten
+    samples."""
+    new_runner = opened.runner(new_model)
+    comparisons, where, membership = [], None, None
+    fit, after_fit = measured.fit, None
+    if fit is not None:
+        after_fit = opened.scores(new_runner, fit.samples, fit.indices)
+        comparisons.append(_comparison("samples", fit.labels, fit.scores, after_fit, classes))
+        where = confusion(fit.labels, np.argmax(after_fit, 1), classes)
+    if eval_samples is None:
+        return comparisons, where, membership
+    held_out = opened.samples(eval_samples)
+    before = opened.original_scores(held_out)
+    after = opened.scores(new_runner, held_out, np.arange(len(held_out)))
+    comparisons.append(_comparison("eval", held_out.labels, before, after, classes))
+    where = confusion(held_out.labels, np.argmax(after, 1), classes)
+    if fit is not None:
+        membership = {
+            name: membership_share(member, fit.labels, held, held_out.labels, classes)
+            for name, member, held in (("before", fit.scores, before), ("after", after_fit, after))
+        }
+    return comparisons, where, membership
+
+
+def _comparison(name, labels, before, after, classes) -> Comparison:
+    return Comparison(
+        name,
+        Accuracy.of(labels, np.argmax(before, axis=1), classes),
+        Accuracy.of(labels, np.argmax(after, axis=1), classes),
+    )
+
+
+def provenance(loaded: LoadedModel, classes, alpha_r, alpha_f, counts) -> dict[str, str]:
+    """This run's metadata props; a model forgotten before keeps its history.
+
+    `onnx_forget.forgotten_classes` is every class forgotten so far, and
+    `onnx_forget.history` a JSON list with one entry per run, oldest first.
+    """
+    previous = {p.key: p.value for p in loaded.proto.metadata_props}
+    earlier = [int(c) for c in previous.get("onnx_forget.forgotten_classes", "").split(",") if c]
+    this_run = {
+        "forgotten_classes": classes,
+        "alpha_r": float(alpha_r),
+        "alpha_f": float(alpha_f),
+        "samples": {"retain": counts["retain"], "forget": counts["forget"]},
+        "source_sha256": loaded.sha256,
+        "version": VERSION,
+    }
+    history = [*json.loads(previous.get("onnx_forget.history", "[]")), this_run]
+    return {
+        "onnx_forget.forgotten_classes": ",".join(map(str, sorted({*earlier, *classes}))),
+        "onnx_forget.alpha_r": repr(float(alpha_r)),
+        "onnx_forget.alpha_f": repr(float(alpha_f)),
+        "onnx_forget.samples": f"retain={counts['retain']},forget={counts['forget']}",
+        "onnx_forget.source_sha256": loaded.sha256,
+        "onnx_forget.version": VERSION,
+        "onnx_forget.history": json.dumps(history),
+    }
+
+
+def settings_dict(settings: ForgetOptions) -> dict:
+    """The options as the report shows them."""
+    values = dataclasses.asdict(settings)
+    values.pop("progress")
+    if isinstance(settings.class_names, os.PathLike):  # a file of names: its path, as text
+        values["class_names"] = str(settings.class_names)
+    return values
+
+
+def json_text(document: dict) -> str:
+    """A report as the JSON text written to `--report` files."""
+    return json.dumps(document, indent=2) + "\n"
