@@ -35,6 +35,11 @@ MODELS = {
     "mnist_cnn_fp16": ("mnist_cnn_fp16.onnx", "mnist_heldout.npz"),
     "mnist_cnn_batch8": ("mnist_cnn_batch8.onnx", "mnist_heldout.npz"),
     "mnist_cnn_external": ("mnist_cnn_external/model.onnx", "mnist_heldout.npz"),
+    "mnist_cnn_qdq": ("mnist_cnn_qdq.onnx", "mnist_heldout.npz"),
+    "mnist_resnet_qdq": ("mnist_resnet_qdq.onnx", "mnist_heldout.npz"),
+    "mnist_mobilenet_qdq": ("mnist_mobilenet_qdq.onnx", "mnist_heldout.npz"),
+    "mnist_cnn_ort_optimized": ("mnist_cnn_ort_optimized.onnx", "mnist_heldout.npz"),
+    "mnist_resnet_ort_optimized": ("mnist_resnet_ort_optimized.onnx", "mnist_heldout.npz"),
 }
 REFERENCES = {c: FIXTURES / f"mnist_cnn_without_{c}.onnx" for c in (0, 3, 8)}
 FORGET_GOAL = 1.0  # the goal: forget accuracy at most 1 % ...
@@ -99,7 +104,7 @@ def main() -> None:
         f"{FORGET_GOAL:g}, retain drop <= {RETAIN_DROP_GOAL:g}"
     )
     header = (
-        f"{'model':<20} {'method':<12} {'retain':>13} {'forget':>12} {'worst drop':>10} "
+        f"{'model':<27} {'method':<12} {'retain':>13} {'forget':>12} {'worst drop':>10} "
         f"{'goal met':>8} {'MIA':>13} {'time':>6}"
     )
     print(header)
@@ -107,7 +112,7 @@ def main() -> None:
     for name in args.models.split(","):
         model_file, held_out_file = MODELS[name]
         if not (FIXTURES / model_file).is_file():
-            print(f"{name:<20} (not built: python fixtures/build.py --only {name})")
+            print(f"{name:<27} (not built: python fixtures/build.py --only {name})")
             continue
         model = onnx.load(FIXTURES / model_file)
         for method in args.methods.split(","):
@@ -128,7 +133,7 @@ def main() -> None:
             )
             mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
             print(
-                f"{name:<20} {method:<12}"
+                f"{name:<27} {method:<12}"
                 f" {mean['retain_before']:>5.1f} -> {mean['retain_after']:<5.1f}"
                 f" {mean['forget_before']:>4.1f} -> {mean['forget_after']:<4.1f}"
                 f" {max(drops):>10.1f} {met:>4}/{len(rows):<3}"

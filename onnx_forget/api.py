@@ -156,7 +156,7 @@ def forget(
     run_report = finish(
         opened, built, measured, classes, (alpha_r, alpha_f), written, eval_samples, report, timer
     )
-    return ForgetResult(built[0], run_report, written)
+    return ForgetResult(built.model, run_report, written)
 
 
 def tune(
@@ -229,7 +229,7 @@ def tune(
     run_report = finish(
         opened, built, measured, classes, alphas, written, eval_samples, report, timer, grid
     )
-    return TuneResult(ForgetResult(built[0], run_report, written), grid, best)
+    return TuneResult(ForgetResult(built.model, run_report, written), grid, best)
 
 
 def collect(

@@ -21,7 +21,7 @@ from .outputs import OutputFiles, needs_external_data
 from .passes import SamplePass
 from .repair import repair_head
 from .report import Comparison, Report, layer_rows
-from .rewrite import rewrite_model
+from .rewrite import Rewritten, rewrite_model
 from .samples import SampleSet
 from .subspace import Projections
 from .timing import PhaseTimer
@@ -61,18 +61,17 @@ def build_model(
     classes: list[int],
     alphas: tuple[float, float],
     timer: PhaseTimer,
-) -> tuple[onnx.ModelProto, list[str]]:
-    """The projected model, its head refitted when the method allows; and the names of the
-    weight copies made for shared weights."""
+) -> Rewritten:
+    """The projected model, its head refitted when the method allows; the names of the
+    weight copies made for shared weights, and the quantized channels rescaled."""
     alpha_r, alpha_f = alphas
     metadata = provenance(opened.loaded, classes, alpha_r, alpha_f, measured.counts)
     projections = Projections(measured.spaces, alpha_r, alpha_f, lambda: timer("decompose"))
-    model, copies = rewrite_model(
-        opened.loaded.proto, opened.scan.layers, projections.factor, metadata
-    )
-    if choose_method(opened.settings, measured).name == REPAIR:
-        model = repair_head(opened, model, measured.fit, classes)
-    return model, copies
+    built = rewrite_model(opened.loaded.proto, opened.scan.layers, projections.factor, metadata)
+    if choose_method(opened.settings, measured).name != REPAIR:
+        return built
+    model, rescaled = repair_head(opened, built.model, measured.fit, classes)
+    return Rewritten(model, built.copies, built.rescaled_channels + rescaled)
 
 
 def score_alphas(
@@ -89,7 +88,7 @@ def score_alphas(
     labels = validation.labels[indices]
     grid = []
     for alpha_r, alpha_f in points:
-        candidate, _ = build_model(opened, measured, classes, (alpha_r, alpha_f), timer)
+        candidate = build_model(opened, measured, classes, (alpha_r, alpha_f), timer).model
         scores = opened.scores(opened.runner(candidate), validation, indices)
         accuracy = Accuracy.of(labels, np.argmax(scores, axis=1), classes)
         grid.append(
@@ -112,7 +111,7 @@ def head_to_refit(opened: OpenedModel) -> Head | None:
 
 def finish(
     opened: OpenedModel,
-    built: tuple[onnx.ModelProto, list[str]],
+    built: Rewritten,
     measured: SamplePass,
     classes: list[int],
     alphas: tuple[float, float],
@@ -125,7 +124,7 @@ def finish(
     """Evaluate the `built` model and its weight copies, then stage and verify the model
     and the report and rename both into place. Evaluating first means a bad evaluation
     file or a Ctrl-C while evaluating leaves no output behind."""
-    new_model, copies = built
+    new_model, copies, rescaled_channels = built
     with timer("evaluate"):
         comparisons, where, membership = compare(opened, new_model, measured, classes, eval_samples)
     with OutputFiles() as files:
@@ -152,6 +151,7 @@ def finish(
             layers=layer_rows(LayerScan(opened.scan.layers, ())),
             skipped_layers=layer_rows(LayerScan((), opened.scan.skipped)),
             copied_weights=copies,
+            rescaled_channels=rescaled_channels,
             samples=measured.counts,
             comparisons=comparisons,
             timings=timer.seconds,

@@ -6,13 +6,17 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import ml_dtypes  # onnx's own dependency: the limits of int4 and uint4
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-# Nodes a constant weight may pass through on its way to a layer; each is invertible, so
-# the projected weight can be written back into the stored tensor.
-WEIGHT_PASSTHROUGH = ("Identity", "Transpose", "Cast", "Reshape")
+# How a quantized weight becomes the float one its layer reads: `(q - zero_point) * scale`.
+DEQUANTIZE = "DequantizeLinear"
+# Nodes a constant weight may pass through on its way to a layer; each is invertible (a
+# dequantization up to rounding), so the projected weight can be written back into the
+# stored tensor.
+WEIGHT_PASSTHROUGH = ("Identity", "Transpose", "Cast", "Reshape", DEQUANTIZE)
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,26 @@ class GraphIndex:
                 return f"weight is computed at run time (by {node.op_type})"
             if node.op_type == "Reshape" and self.constant_tensor(node.input[1]) is None:
                 return "weight is reshaped to a run-time shape"
+            if node.op_type == DEQUANTIZE:
+                problem = self._dequantization_problem(node)
+                if problem:
+                    return problem
             chain.append(self.names[index])
             name = node.input[0]
+
+    def _dequantization_problem(self, node: onnx.NodeProto) -> str | None:
+        """Why a DequantizeLinear on a weight's way cannot be undone, or None."""
+        if any(name and self.constant_tensor(name) is None for name in node.input[1:]):
+            return "weight is dequantized with a run-time scale or zero point"
+        if self.constant_tensor(node.input[0]) is None:
+            return "weight is dequantized after other nodes"
+        if any(a.name == "block_size" and a.i for a in node.attribute):
+            return "weight is block-quantized"
+        return None
+
+    def is_dequantized(self, source: WeightSource) -> bool:
+        """Whether the stored weight is integers a DequantizeLinear turns into floats."""
+        return any(self.node_by_name[name].op_type == DEQUANTIZE for name in source.chain)
 
     def reaches(self, start: str, goal: str) -> bool:
         """Whether tensor `goal` is computed from tensor `start`."""
@@ -116,6 +138,63 @@ def reshape_target(shape: tuple[int, ...], target, allowzero: int = 0) -> tuple[
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """A DequantizeLinear's `(q - zero_point) * scale`, per channel along `axis` or, with
+    `axis` None, one scale for the whole tensor."""
+
+    scale_name: str
+    scale: np.ndarray  # float64: [channels], or a scalar
+    scale_dtype: np.dtype
+    zero_point: np.ndarray  # int64, shaped as `scale`
+    axis: int | None
+    stored_dtype: np.dtype  # int8, uint8, int4, ... as stored
+
+    def dequantize(self, stored: np.ndarray) -> np.ndarray:
+        """The float64 weight of stored integers."""
+        scale, zero = (
+            self._along(self.scale, stored.ndim),
+            self._along(self.zero_point, stored.ndim),
+        )
+        return (stored.astype(np.int64) - zero) * scale
+
+    def quantize(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stored integers for a float64 `weight`, and the scales used.
+
+        A channel keeps its scale where the weight still fits the stored type; where it
+        would saturate, the scale grows to the smallest that holds it (zero point kept).
+        """
+        low, high = _limits(self.stored_dtype)
+        zero = self._along(self.zero_point, weight.ndim)
+        old = self._along(self.scale, weight.ndim)
+        others = tuple(a for a in range(weight.ndim) if a != self.axis)
+        rounded = np.rint(weight / old) + zero
+        fits = ((rounded >= low) & (rounded <= high)).all(axis=others, keepdims=True)
+        # The smallest scale putting the largest and smallest values at the type's ends.
+        needed = np.maximum(
+            (np.maximum(weight, 0) / (high - zero)).max(axis=others, keepdims=True),
+            (np.minimum(weight, 0) / (low - zero)).max(axis=others, keepdims=True),
+        )
+        scale = np.where(fits, old, needed).astype(self.scale_dtype).astype(np.float64)
+        scale = np.where(scale > 0, scale, old)  # an all-zero channel keeps its scale
+        stored = np.clip(np.rint(weight / scale) + zero, low, high)
+        return stored.astype(self.stored_dtype), scale.reshape(self.scale.shape)
+
+    def _along(self, values: np.ndarray, ndim: int) -> np.ndarray:
+        """`values` shaped to broadcast along `axis` of an array of rank `ndim`."""
+        if self.axis is None:
+            return values.reshape(())
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return values.reshape(shape)
+
+
+def _limits(dtype: np.dtype) -> tuple[int, int]:
+    """The smallest and largest integer of a stored type (ml_dtypes knows int4 and numpy's)."""
+    info = ml_dtypes.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+@dataclass(frozen=True)
 class PassThroughStep:
     """What one pass-through node does to the weight on its way to the layer."""
 
@@ -123,14 +202,19 @@ class PassThroughStep:
     before: tuple[int, ...]  # the weight's shape entering the node
     after: tuple[int, ...]  # and leaving it
     perm: tuple[int, ...] | None = None  # Transpose's
-    dtype: np.dtype | None = None  # Cast's target type
+    dtype: np.dtype | None = None  # the type it gives the weight: Cast's, DequantizeLinear's
+    quantization: Quantization | None = None  # DequantizeLinear's
 
     def forward(self, value: np.ndarray) -> np.ndarray:
         if self.op == "Transpose":
             return value.transpose(self.perm)
+        if self.quantization is not None:
+            return self.quantization.dequantize(value)
         return value.reshape(self.after)  # Reshape; Identity and Cast keep the shape
 
     def backward(self, value: np.ndarray) -> np.ndarray:
+        """Undo the step, a dequantization excepted (`Quantization.quantize` does that,
+        since it may change the scales too)."""
         if self.op == "Transpose":
             return value.transpose(np.argsort(self.perm))
         return value.reshape(self.before)
@@ -152,6 +236,13 @@ def pass_through_steps(index: GraphIndex, source: WeightSource) -> list[PassThro
         elif node.op_type == "Reshape":
             target = numpy_helper.to_array(index.constant_tensor(node.input[1]))
             after = reshape_target(shape, target, attributes.get("allowzero", 0))
+        elif node.op_type == DEQUANTIZE:
+            quantization = _quantization(index, node, attributes, len(shape))
+            dtype = np.dtype(quantization.scale_dtype)
+            if attributes.get("output_dtype"):  # opset 23: the float type it writes
+                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(attributes["output_dtype"]))
+            steps.append(PassThroughStep(node.op_type, shape, shape, None, dtype, quantization))
+            continue
         steps.append(PassThroughStep(node.op_type, shape, after, perm, dtype))
         shape = after
     return steps
@@ -164,3 +255,22 @@ def weight_as_seen(index: GraphIndex, source: WeightSource) -> tuple[tuple[int, 
     for step in pass_through_steps(index, source):
         shape, dtype = step.after, step.dtype or dtype
     return shape, dtype
+
+
+def _quantization(index: GraphIndex, node: onnx.NodeProto, attributes: dict, rank: int):
+    """The Quantization of a DequantizeLinear reading a stored weight of rank `rank`."""
+    stored = index.constant_tensor(node.input[0])
+    scale_tensor = index.constant_tensor(node.input[1])
+    scale = numpy_helper.to_array(scale_tensor)
+    has_zero = len(node.input) > 2 and node.input[2]
+    zero = numpy_helper.to_array(index.constant_tensor(node.input[2])) if has_zero else None
+    per_channel = scale.ndim == 1 and scale.size > 1
+    axis = int(attributes.get("axis", 1)) % rank if per_channel else None
+    return Quantization(
+        scale_name=node.input[1],
+        scale=scale.astype(np.float64),
+        scale_dtype=scale.dtype,
+        zero_point=(np.zeros_like(scale, np.int64) if zero is None else zero.astype(np.int64)),
+        axis=axis,
+        stored_dtype=np.dtype(helper.tensor_dtype_to_np_dtype(stored.data_type)),
+    )

@@ -14,7 +14,30 @@ from onnx import helper
 
 from .graph import GraphIndex, WeightSource, weight_as_seen
 
-PROJECTABLE_OPS = ("Conv", "Gemm", "MatMul")
+# The projected ops by what they compute; onnxruntime's optimiser writes the `Fused*` ones
+# (a Conv, Gemm or MatMul with its activation or scaling folded in; same weight layout).
+CONV_OPS = ("Conv", "FusedConv")
+GEMM_OPS = ("Gemm", "FusedGemm")
+MATMUL_OPS = ("MatMul", "FusedMatMul")
+PROJECTABLE_OPS = (*CONV_OPS, *GEMM_OPS, *MATMUL_OPS)
+STANDARD_DOMAINS = ("", "ai.onnx")
+MICROSOFT_DOMAIN = "com.microsoft"
+# Ops that carry a constant weight the projection leaves as it is: listed as skipped, with
+# why, so no weight is ever dropped silently.
+UNPROJECTED_WEIGHT_OPS = {
+    "ConvTranspose": "ConvTranspose is not projected",
+    "QLinearConv": "integer (QOperator) layers are not projected yet",
+    "QLinearMatMul": "integer (QOperator) layers are not projected yet",
+    "QGemm": "integer (QOperator) layers are not projected yet",
+    "ConvInteger": "integer layers of dynamic quantization are not projected yet",
+    "MatMulInteger": "integer layers of dynamic quantization are not projected yet",
+    "DynamicQuantizeMatMul": "integer layers of dynamic quantization are not projected yet",
+    "MatMulNBits": "block-quantized weights are not projected",
+    "LSTM": "recurrent layers are not projected",
+    "GRU": "recurrent layers are not projected",
+    "RNN": "recurrent layers are not projected",
+    "Attention": "fused attention with packed weights is not projected",
+}
 PROJECTABLE_DTYPES = (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
 
 # Orientation of the weight as the layer uses it.
@@ -76,12 +99,14 @@ def scan_layers(model: onnx.ModelProto) -> LayerScan:
     index = GraphIndex(model.graph)
     layers, skipped = [], []
     for name, node in zip(index.names, model.graph.node):
-        if node.op_type in PROJECTABLE_OPS:
+        if _is_projectable_op(node):
             found = _layer(index, name, node)
             if isinstance(found, Layer):
                 layers.append(found)
             else:
                 skipped.append(SkippedLayer(name, node.op_type, found))
+        elif node.op_type in UNPROJECTED_WEIGHT_OPS and _has_constant_weight(index, node):
+            skipped.append(SkippedLayer(name, node.op_type, UNPROJECTED_WEIGHT_OPS[node.op_type]))
         for owner, inner in _subgraph_layers(node):
             skipped.append(SkippedLayer(inner.name or owner, inner.op_type, "inside a subgraph"))
     sources = Counter(layer.weight.tensor for layer in layers)
@@ -93,6 +118,23 @@ def scan_layers(model: onnx.ModelProto) -> LayerScan:
         for layer in layers
     ]
     return LayerScan(tuple(layers), tuple(skipped))
+
+
+def _is_projectable_op(node: onnx.NodeProto) -> bool:
+    """A standard Conv, Gemm or MatMul, or onnxruntime's fused form of one."""
+    if node.op_type.startswith("Fused"):
+        return node.op_type in PROJECTABLE_OPS and node.domain == MICROSOFT_DOMAIN
+    return node.op_type in PROJECTABLE_OPS and node.domain in STANDARD_DOMAINS
+
+
+def _has_constant_weight(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether any input past the first comes from a stored constant of rank 2 or more."""
+    for name in node.input[1:]:
+        source = index.trace_weight(name) if name else None
+        if source is not None and not isinstance(source, str):
+            if len(index.constant_tensor(source.tensor).dims) >= 2:
+                return True
+    return False
 
 
 def _subgraph_layers(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.NodeProto]]:
@@ -111,8 +153,10 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
     if len(node.input) < 2:
         return "missing weight input"
     data, weight = node.input[0], node.input[1]
-    if node.op_type == "Gemm" and attributes.get("transA", 0):
-        return "Gemm with transA=1"
+    if attributes.get("transA", 0):
+        return f"{node.op_type} with transA=1"
+    if attributes.get("transBatchA", 0) or attributes.get("transBatchB", 0):
+        return f"{node.op_type} with a transposed batch"
     if index.constant_tensor(data) is not None:
         return "the layer's input is a constant"
     source = index.trace_weight(weight)
@@ -120,11 +164,12 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
         return source
     shape, dtype = weight_as_seen(index, source)
     stored = index.constant_tensor(source.tensor)
-    stored_dtype = helper.tensor_dtype_to_np_dtype(stored.data_type)
-    if stored_dtype not in PROJECTABLE_DTYPES or dtype not in PROJECTABLE_DTYPES:
-        return f"weight stored as {np.dtype(stored_dtype).name}, not a float type"
+    stored_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(stored.data_type))
+    dequantized = stored_dtype.kind in "iuV" and index.is_dequantized(source)
+    if not (stored_dtype in PROJECTABLE_DTYPES or dequantized) or dtype not in PROJECTABLE_DTYPES:
+        return f"weight stored as {stored_dtype.name}, not a float type"
     geometry = None
-    if node.op_type == "Conv":
+    if node.op_type in CONV_OPS:
         if len(shape) < 3:
             return f"conv weight of rank {len(shape)}"
         groups = int(attributes.get("group", 1))
@@ -145,7 +190,7 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
         if len(shape) != 2:
             return f"weight of rank {len(shape)} (only 2-D weights are projected)"
         groups = 1
-        transposed = node.op_type == "Gemm" and attributes.get("transB", 0)
+        transposed = attributes.get("transB", 0)  # Gemm's and FusedMatMul's
         orientation = OUT_IN if transposed else IN_OUT
         input_size = shape[1] if transposed else shape[0]
     return Layer(
@@ -201,7 +246,7 @@ def find_head(
         return None
     layer = heads[-1]
     node = index.node_by_name[layer.node]
-    if node.op_type == "Gemm":
+    if node.op_type in GEMM_OPS:
         if len(node.input) > 2 and node.input[2]:
             bias = index.trace_weight(node.input[2])
             if isinstance(bias, WeightSource):

@@ -20,7 +20,7 @@ import scipy.linalg
 
 from .errors import UnsupportedModelError
 from .layer_scan import OUT_IN, Head
-from .rewrite import WEIGHT_INPUT, WeightEditor
+from .rewrite import WEIGHT_INPUT, WeightEditor, bias_of
 from .taps import add_taps
 
 if TYPE_CHECKING:
@@ -81,26 +81,30 @@ class HeadSystem:
         return solution[:features], (solution[features] if self.with_bias else None)
 
 
-def write_head(model: onnx.ModelProto, head: Head, system: HeadSystem) -> onnx.ModelProto:
-    """A copy of `model` whose head is `system`'s solution, pulled towards its own weights."""
+def write_head(
+    model: onnx.ModelProto, head: Head, system: HeadSystem
+) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` whose head is `system`'s solution, pulled towards its own weights;
+    and how many quantized channels of the head needed a larger scale."""
     editor = WeightEditor(model)
     seen = editor.seen(head.layer.weight)
     prior_bias = None if head.bias is None else editor.seen(head.bias).reshape(-1)
     weight, bias = system.solve(seen.T if head.layer.orientation == OUT_IN else seen, prior_bias)
     oriented = weight.T if head.layer.orientation == OUT_IN else weight
     editor.edit(head.layer.weight, head.layer.node, WEIGHT_INPUT, head.layer.shared,
-                lambda _: oriented)  # fmt: skip
+                lambda _: oriented, bias_of(head.layer))  # fmt: skip
     if bias is not None:
         editor.edit(head.bias, head.bias_node, head.bias_input, head.bias_shared,
                     lambda seen: bias.reshape(seen.shape))  # fmt: skip
-    return editor.finish({})
+    return editor.finish({}), editor.rescaled_channels
 
 
 def repair_head(
     opened: OpenedModel, model: onnx.ModelProto, fit: FitSamples, classes: list[int]
-) -> onnx.ModelProto:
+) -> tuple[onnx.ModelProto, int]:
     """The projected `model` with its head refitted on the fit samples: one run of them
-    through `model` for the head's input features, then one solve."""
+    through `model` for the head's input features, then one solve. Also the quantized
+    channels of the head that needed a larger scale."""
     head = opened.head(model)
     count = opened.signature.class_count
     runner = opened.runner(add_taps(model, (head.layer,), opened.signature.scores_name))

@@ -33,6 +33,7 @@ class Report:
     layers: list[dict]
     skipped_layers: list[dict]
     copied_weights: list[str]
+    rescaled_channels: int  # quantized weight channels whose scale grew to hold them
     samples: dict
     comparisons: list[Comparison] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -53,6 +54,7 @@ class Report:
             "layers": self.layers,
             "skipped_layers": self.skipped_layers,
             "copied_weights": self.copied_weights,
+            "rescaled_channels": self.rescaled_channels,
             "samples": self.samples,
             "accuracy": {c.name: _comparison_dict(c) for c in self.comparisons},
             "confusion": self.confusion,
@@ -71,8 +73,11 @@ class Report:
             f"method     {self.options['method']}, alpha_r {self.options['alpha_r']:g}, "
             f"alpha_f {self.options['alpha_f']:g}",
             f"layers     {len(self.layers)} projected, {len(self.skipped_layers)} skipped"
+            + (f", {len(self.copied_weights)} shared weights copied" if self.copied_weights else "")
             + (
-                f", {len(self.copied_weights)} shared weights copied" if self.copied_weights else ""
+                f", {self.rescaled_channels} quantized channels rescaled"
+                if self.rescaled_channels
+                else ""
             ),
             f"samples    {self.samples['retain']} retain, {self.samples['forget']} forget"
             + (
@@ -155,16 +160,16 @@ def _layer_dict(layer: Layer) -> dict:
 
 def format_layers(scan: LayerScan) -> str:
     """The `onnx-forget layers` table."""
-    header = f"{'node':<28} {'op':<7} {'weight':<28} {'orient':<7} {'groups':>6} {'d':>6}  input"
+    header = f"{'node':<28} {'op':<13} {'weight':<28} {'orient':<7} {'groups':>6} {'d':>6}  input"
     lines = [header]
     for layer in scan.layers:
         weight = layer.weight.tensor + (" (shared)" if layer.shared else "")
         lines.append(
-            f"{layer.node:<28} {layer.op:<7} {weight:<28} {layer.orientation:<7} "
+            f"{layer.node:<28} {layer.op:<13} {weight:<28} {layer.orientation:<7} "
             f"{layer.groups:>6} {layer.input_size:>6}  {layer.input}"
         )
     for skipped in scan.skipped:
-        lines.append(f"{skipped.node:<28} {skipped.op:<7} skipped: {skipped.reason}")
+        lines.append(f"{skipped.node:<28} {skipped.op:<13} skipped: {skipped.reason}")
     lines.append(f"{len(scan.layers)} projectable, {len(scan.skipped)} skipped")
     return "\n".join(lines)
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex, WeightSource, pass_through_steps
-from .layer_scan import CONV, IN_OUT, OUT_IN, Layer
+from .graph import DEQUANTIZE, GraphIndex, WeightSource, pass_through_steps
+from .layer_scan import CONV, CONV_OPS, GEMM_OPS, IN_OUT, OUT_IN, Layer
 from .subspace import Projection
 
 WEIGHT_INPUT = 1  # Conv, Gemm and MatMul all read their weight as input 1
+BIAS_INPUT = 2  # and Conv and Gemm their bias as input 2
 
 
 def project_weight(weight: np.ndarray, layer: Layer, projection: Projection) -> np.ndarray:
@@ -48,6 +50,8 @@ class WeightEditor:
         self.inserted: dict[int, list[onnx.NodeProto]] = {}
         self.orphan_candidates: set[str] = set()  # shared weights whose readers got copies
         self.taken = {name for node in graph.node for name in node.output} | set(self.initializers)
+        self.own_scales: dict[str, str] = {}  # a private copy -> its own dequantization scale
+        self.rescaled_channels = 0  # quantized weight channels whose scale had to grow
 
     def stored(self, name: str) -> onnx.TensorProto:
         if name in self.initializers:
@@ -61,13 +65,16 @@ class WeightEditor:
         position: int,
         private: bool,
         change: Callable[[np.ndarray], np.ndarray],
+        bias: tuple[int, int] | None = None,
     ) -> str | None:
         """Replace a stored constant by `change` of its value as `consumer` sees it.
 
         `change` gets and returns the value after the pass-through chain, in float64; the
-        result is carried back through the chain and stored in the constant's own dtype.
-        With `private`, the consumer's input `position` first gets its own copy; returns
-        the copy's name then.
+        result is carried back through the chain and stored in the constant's own dtype,
+        quantized again where the chain dequantized it. With `private`, the consumer's
+        input `position` first gets its own copy; returns the copy's name then. `bias`
+        (the consumer's bias input, and the weight's output-channel axis) keeps a
+        quantized bias's scale at input scale x weight scale when weight scales grow.
         """
         stored_name, copy_name = source.tensor, None
         if private:
@@ -82,8 +89,48 @@ class WeightEditor:
         changed = change(seen)
         for step in reversed(steps):
             changed = step.backward(changed)
-        tensor.CopyFrom(numpy_helper.from_array(changed.astype(stored.dtype), tensor.name))
+        quantization = steps[0].quantization if steps else None
+        if quantization is None:
+            tensor.CopyFrom(numpy_helper.from_array(changed.astype(stored.dtype), tensor.name))
+            return copy_name
+        integers, scale = quantization.quantize(changed)
+        tensor.CopyFrom(numpy_helper.from_array(integers, tensor.name))
+        growth = scale / quantization.scale  # 1 where a channel kept its scale
+        if np.any(growth != 1):
+            scale_name = self.own_scales.get(stored_name, quantization.scale_name)
+            self._write(scale_name, scale.astype(quantization.scale_dtype))
+            self.rescaled_channels += int(np.count_nonzero(growth != 1))
+            if bias is not None and len(source.chain) == 1:  # stored as the layer sees it
+                self._rescale_bias(consumer, bias, quantization.axis, growth)
         return copy_name
+
+    def _rescale_bias(
+        self, consumer: str, bias: tuple[int, int], axis: int | None, growth: np.ndarray
+    ) -> None:
+        """Keep an int32 bias dequantized with input scale x weight scale on that product
+        after weight scales grew by `growth`: its scale grows alike, its integers shrink,
+        its float values stay."""
+        position, output_axis = bias
+        node = self.node_by_name[consumer]
+        if axis not in (None, output_axis) or len(node.input) <= position:
+            return
+        source = self.index.trace_weight(node.input[position])
+        if isinstance(source, str) or not self.index.is_dequantized(source):
+            return
+        (step,) = pass_through_steps(self.index, source)
+        quantization = step.quantization
+        if quantization.axis is None and growth.size > 1:
+            return  # one bias scale cannot follow per-channel weight scales
+        stored = numpy_helper.to_array(self.stored(source.tensor))
+        scale = (quantization.scale * growth).astype(quantization.scale_dtype)
+        integers = np.rint(stored * quantization.scale / scale.astype(np.float64))
+        self._write(source.tensor, integers.astype(stored.dtype))
+        self._write(quantization.scale_name, scale)
+
+    def _write(self, name: str, value: np.ndarray) -> None:
+        """Replace the value of the stored constant `name`."""
+        tensor = self.stored(name)
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
 
     def seen(self, source: WeightSource) -> np.ndarray:
         """A stored constant's value as its consumer sees it, in float64."""
@@ -94,20 +141,25 @@ class WeightEditor:
 
     def _own_copy(self, consumer: str, position: int, source: str, chain: list[onnx.NodeProto]):
         """Give one consumer a private copy of a shared stored constant and of its chain."""
+        # A dequantization's scale may change with the weight: it is copied too.
+        scales = [node.input[1] for node in chain if node.op_type == DEQUANTIZE]
         renamed = {
             name: self._fresh_name(f"{name}.{consumer}")
-            for name in [source] + [node.output[0] for node in chain]
+            for name in [source, *scales] + [node.output[0] for node in chain]
         }
         new_nodes = []
-        if source in self.initializers:
-            copy = self.model.graph.initializer.add()
-            copy.CopyFrom(self.initializers[source])
-            copy.name = renamed[source]
-            self.initializers[copy.name] = copy
-        else:
-            constant = _clone(self.constants[source], renamed[source], renamed)
-            self.constants[constant.output[0]] = constant
-            new_nodes.append(constant)
+        for name in [source, *scales]:
+            if name in self.initializers:
+                copy = self.model.graph.initializer.add()
+                copy.CopyFrom(self.initializers[name])
+                copy.name = renamed[name]
+                self.initializers[copy.name] = copy
+            else:
+                constant = _clone(self.constants[name], renamed[name], renamed)
+                self.constants[constant.output[0]] = constant
+                new_nodes.append(constant)
+        if scales:
+            self.own_scales[renamed[source]] = renamed[scales[0]]
         chain_copy = [
             _clone(
                 node,
@@ -120,7 +172,7 @@ class WeightEditor:
         reader = self.node_by_name[consumer]
         reader.input[position] = renamed[reader.input[position]]
         self.inserted.setdefault(list(self.model.graph.node).index(reader), []).extend(new_nodes)
-        self.orphan_candidates.add(source)
+        self.orphan_candidates.update([source, *scales])
         self.orphan_candidates.update(node.output[0] for node in chain)
         return renamed[source]
 
@@ -176,14 +228,23 @@ def _drop_unread(graph: onnx.GraphProto, candidates: set[str]) -> None:
         graph.initializer.remove(tensor)
 
 
+class Rewritten(NamedTuple):
+    """A rewritten model, the weight copies made for it, and how many quantized weight
+    channels needed a larger scale to hold their new values."""
+
+    model: onnx.ModelProto
+    copies: list[str]
+    rescaled_channels: int
+
+
 def rewrite_model(
     model: onnx.ModelProto,
     layers: tuple[Layer, ...],
     projection_of: Callable[[tuple], Projection],
     metadata: dict[str, str],
-) -> tuple[onnx.ModelProto, list[str]]:
+) -> Rewritten:
     """A copy of `model` with every layer's weight projected by `projection_of(its
-    statistic key)`; also the names of copies made.
+    statistic key)`; also the names of copies made and the quantized channels rescaled.
 
     Layers are taken one statistic at a time, so a lazily built projection is held only
     while its own layers are rewritten.
@@ -195,7 +256,14 @@ def rewrite_model(
     copies = []
     for key, readers in by_statistic.items():
         copies += _project_readers(editor, readers, projection_of(key))
-    return editor.finish(metadata), copies
+    return Rewritten(editor.finish(metadata), copies, editor.rescaled_channels)
+
+
+def bias_of(layer: Layer) -> tuple[int, int] | None:
+    """Where a Conv or Gemm reads its bias, and its weight's output-channel axis."""
+    if layer.op not in (*CONV_OPS, *GEMM_OPS):
+        return None
+    return BIAS_INPUT, 1 if layer.orientation == IN_OUT else 0
 
 
 def _project_readers(editor: WeightEditor, readers: list[Layer], projection: Projection):
@@ -209,6 +277,7 @@ def _project_readers(editor: WeightEditor, readers: list[Layer], projection: Pro
             WEIGHT_INPUT,
             layer.shared,
             lambda weight, layer=layer: project_weight(weight, layer, projection),
+            bias_of(layer),
         )
         if copy_name:
             copies.append(copy_name)

@@ -156,7 +156,7 @@ def test_identity_projection_leaves_every_weight_bit_identical():
         layer.statistic_key: np.stack([np.eye(layer.input_size)] * layer.groups)
         for layer in scan.layers
     }
-    rewritten, copies = rewrite_model(model, scan.layers, models.by_matrix(identity), {})
+    rewritten, copies, _ = rewrite_model(model, scan.layers, models.by_matrix(identity), {})
     assert copies == []
     assert [t.SerializeToString() for t in rewritten.graph.initializer] == [
         t.SerializeToString() for t in model.graph.initializer

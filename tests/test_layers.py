@@ -49,7 +49,7 @@ def test_weight_through_cast_and_transpose_is_projected_in_its_stored_type():
     assert (layer.orientation, layer.input_size, layer.weight.tensor) == (IN_OUT, K, "w16")
     assert layer.weight.chain == ("cast", "transpose")
     projections = _random_projections([layer])
-    rewritten, copies = rewrite_model(model, (layer,), by_matrix(projections), {})
+    rewritten, copies, _ = rewrite_model(model, (layer,), by_matrix(projections), {})
     assert copies == []
     new_weight = numpy_helper.to_array(rewritten.graph.initializer[0])
     assert new_weight.dtype == np.float16 and new_weight.shape == (N, K)
@@ -82,7 +82,7 @@ def test_gemm_orientations_and_constant_node_weight():
     assert (first.orientation, first.weight.is_initializer) == (OUT_IN, False)
     assert (second.orientation, second.weight.is_initializer) == (IN_OUT, True)
     projections = _random_projections([first, second])
-    rewritten, _ = rewrite_model(model, (first, second), by_matrix(projections), {})
+    rewritten, _, _ = rewrite_model(model, (first, second), by_matrix(projections), {})
     x = rng.normal(size=(4, K)).astype(np.float32)
     p1, p2 = projections[first.statistic_key][0], projections[second.statistic_key][0]
     w1 = numpy_helper.to_array(model.graph.node[0].attribute[0].t).astype(np.float64)
@@ -108,7 +108,7 @@ def test_shared_weight_gets_one_copy_per_layer_and_other_readers_keep_the_origin
     layers = scan_layers(model).layers
     assert [layer.shared for layer in layers] == [True, True]
     projections = _random_projections(layers)
-    rewritten, copies = rewrite_model(model, layers, by_matrix(projections), {})
+    rewritten, copies, _ = rewrite_model(model, layers, by_matrix(projections), {})
     assert len(copies) == 2
     stored = {t.name: numpy_helper.to_array(t) for t in rewritten.graph.initializer}
     assert stored["w"].tobytes() == weight.tobytes()  # the Add still reads the original
@@ -131,7 +131,7 @@ def test_unused_original_is_dropped_when_every_reader_got_a_copy():
         [numpy_helper.from_array(weight, "w")],
     )
     layers = scan_layers(model).layers
-    rewritten, copies = rewrite_model(model, layers, by_matrix(_random_projections(layers)), {})
+    rewritten, copies, _ = rewrite_model(model, layers, by_matrix(_random_projections(layers)), {})
     names = [t.name for t in rewritten.graph.initializer]
     assert "w" not in names and len(names) == 2 and len(copies) == 2
     assert [n.op_type for n in rewritten.graph.node].count("Transpose") == 2

@@ -157,7 +157,9 @@ def test_projected_conv_through_patches_equals_onnxruntime(case):
     model = _conv_model(case, rng.normal(size=weight_shape).astype(np.float32))
     (layer,) = scan_layers(model).layers
     projection = rng.normal(size=(groups, layer.input_size, layer.input_size))
-    rewritten, _ = rewrite_model(model, (layer,), by_matrix({layer.statistic_key: projection}), {})
+    rewritten, _, _ = rewrite_model(
+        model, (layer,), by_matrix({layer.statistic_key: projection}), {}
+    )
     projected = numpy_helper.to_array(rewritten.graph.initializer[0]).astype(np.float64)
     x = rng.normal(size=(case["batch"], groups * case["in_per_group"], *case["sizes"]))
     x = x.astype(np.float32).astype(np.float64)
@@ -245,7 +247,7 @@ def test_identity_projection_changes_no_bit_of_any_weight(case):
     model, _ = _layer_model(case)
     (layer,) = scan_layers(model).layers
     identity = np.stack([np.eye(layer.input_size)] * layer.groups)
-    rewritten, copies = rewrite_model(
+    rewritten, copies, _ = rewrite_model(
         model, (layer,), by_matrix({layer.statistic_key: identity}), {}
     )
     assert copies == []
@@ -266,7 +268,9 @@ def test_projected_layer_equals_the_original_on_transformed_inputs(case):
     projection = rng.normal(size=(layer.groups, layer.input_size, layer.input_size)) / math.sqrt(
         layer.input_size
     )
-    rewritten, _ = rewrite_model(model, (layer,), by_matrix({layer.statistic_key: projection}), {})
+    rewritten, _, _ = rewrite_model(
+        model, (layer,), by_matrix({layer.statistic_key: projection}), {}
+    )
     stored = numpy_helper.to_array(rewritten.graph.initializer[0])
     assert stored.dtype == np.dtype(STORED_TYPES[case["stored"]])
 
