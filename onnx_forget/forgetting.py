@@ -157,7 +157,7 @@ def finish(
             timings=timer.seconds,
             confusion=where,
             membership=membership,
-            notes=[method.note] if method.note else [],
+            notes=[note for note in (method.note, _still_predicted(opened, comparisons)) if note],
             tuning=tuning,
         )
         if report_path is not None:
@@ -196,6 +196,24 @@ def compare(
             for name, member, held in (("before", fit.scores, before), ("after", after_fit, after))
         }
     return comparisons, where, membership
+
+
+def _still_predicted(opened: OpenedModel, comparisons: list[Comparison]) -> str | None:
+    """Say so when forgotten samples used still get their class as top-1, and why that
+    may be: scores quantized with a calibrated range can clip the forgotten logits."""
+    used = next((c for c in comparisons if c.name == "samples"), None)
+    if used is None or not used.after.forget > 0:
+        return None
+    why = ""
+    if opened.scores_quantized:
+        why = (
+            "; the scores pass through QuantizeLinear, whose calibrated range may clip "
+            "the forgotten classes' logits to a tie"
+        )
+    return (
+        f"{used.after.forget:.1f}% of the forgotten classes' samples used still get their "
+        f"class as top-1{why}"
+    )
 
 
 def _comparison(name, labels, before, after, classes) -> Comparison:

@@ -35,6 +35,8 @@ def statistic_id(layer: Layer) -> dict:
         "d": layer.input_size,
         "groups": layer.groups,
     }
+    if layer.input_dequantization is not None:  # an integer layer's input: (scale, zero point)
+        described["dequantization"] = list(layer.input_dequantization)
     return json.loads(json.dumps(described))  # as it reads back from a file: lists, not tuples
 
 

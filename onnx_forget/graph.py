@@ -30,6 +30,19 @@ class WeightSource:
     tensor: str
     is_initializer: bool
     chain: tuple[str, ...]
+    # Set when the layer itself dequantizes the stored integers (QLinearConv, QGemm, ...).
+    dequantized_by_layer: LayerDequantization | None = None
+
+
+@dataclass(frozen=True)
+class LayerDequantization:
+    """How an integer layer dequantizes a weight it reads: the constants holding the scale
+    (or two whose product is the scale, as for an int32 bias: input scale x weight scale)
+    and zero point, and the axis of per-channel scales."""
+
+    scale: tuple[str, ...]
+    zero_point: str | None
+    axis: int
 
 
 def node_names(graph: onnx.GraphProto) -> list[str]:
@@ -105,7 +118,10 @@ class GraphIndex:
         return None
 
     def is_dequantized(self, source: WeightSource) -> bool:
-        """Whether the stored weight is integers a DequantizeLinear turns into floats."""
+        """Whether the stored weight is integers that a DequantizeLinear, or the layer
+        itself, turns into floats."""
+        if source.dequantized_by_layer is not None:
+            return True
         return any(self.node_by_name[name].op_type == DEQUANTIZE for name in source.chain)
 
     def reaches(self, start: str, goal: str) -> bool:
@@ -142,7 +158,7 @@ class Quantization:
     """A DequantizeLinear's `(q - zero_point) * scale`, per channel along `axis` or, with
     `axis` None, one scale for the whole tensor."""
 
-    scale_name: str
+    scale_name: str | None  # None: the scale is a product of constants and stays fixed
     scale: np.ndarray  # float64: [channels], or a scalar
     scale_dtype: np.dtype
     zero_point: np.ndarray  # int64, shaped as `scale`
@@ -176,6 +192,8 @@ class Quantization:
         )
         scale = np.where(fits, old, needed).astype(self.scale_dtype).astype(np.float64)
         scale = np.where(scale > 0, scale, old)  # an all-zero channel keeps its scale
+        if self.scale_name is None:
+            scale = np.broadcast_to(old, scale.shape)  # fixed: saturate rather than rescale
         stored = np.clip(np.rint(weight / scale) + zero, low, high)
         return stored.astype(self.stored_dtype), scale.reshape(self.scale.shape)
 
@@ -224,6 +242,16 @@ def pass_through_steps(index: GraphIndex, source: WeightSource) -> list[PassThro
     """The steps of `source`'s chain, from the stored tensor to the layer, with shapes."""
     shape = tuple(index.constant_tensor(source.tensor).dims)
     steps = []
+    by_layer = source.dequantized_by_layer
+    if by_layer is not None:
+        quantization = _quantization(
+            index, source.tensor, by_layer.scale, by_layer.zero_point, by_layer.axis, len(shape)
+        )
+        steps.append(
+            PassThroughStep(
+                DEQUANTIZE, shape, shape, None, np.dtype(quantization.scale_dtype), quantization
+            )
+        )
     for name in source.chain:
         node = index.node_by_name[name]
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -237,7 +265,15 @@ def pass_through_steps(index: GraphIndex, source: WeightSource) -> list[PassThro
             target = numpy_helper.to_array(index.constant_tensor(node.input[1]))
             after = reshape_target(shape, target, attributes.get("allowzero", 0))
         elif node.op_type == DEQUANTIZE:
-            quantization = _quantization(index, node, attributes, len(shape))
+            zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            quantization = _quantization(
+                index,
+                node.input[0],
+                (node.input[1],),
+                zero_point,
+                int(attributes.get("axis", 1)),
+                len(shape),
+            )
             dtype = np.dtype(quantization.scale_dtype)
             if attributes.get("output_dtype"):  # opset 23: the float type it writes
                 dtype = np.dtype(helper.tensor_dtype_to_np_dtype(attributes["output_dtype"]))
@@ -257,20 +293,35 @@ def weight_as_seen(index: GraphIndex, source: WeightSource) -> tuple[tuple[int, 
     return shape, dtype
 
 
-def _quantization(index: GraphIndex, node: onnx.NodeProto, attributes: dict, rank: int):
-    """The Quantization of a DequantizeLinear reading a stored weight of rank `rank`."""
-    stored = index.constant_tensor(node.input[0])
-    scale_tensor = index.constant_tensor(node.input[1])
-    scale = numpy_helper.to_array(scale_tensor)
-    has_zero = len(node.input) > 2 and node.input[2]
-    zero = numpy_helper.to_array(index.constant_tensor(node.input[2])) if has_zero else None
+def _quantization(
+    index: GraphIndex,
+    stored_name: str,
+    scale_names: tuple[str, ...],
+    zero_point_name: str | None,
+    axis: int,
+    rank: int,
+) -> Quantization:
+    """The Quantization of stored integers of rank `rank`: scale the product of the
+    `scale_names` constants, per channel along `axis` when it is a vector."""
+    stored = index.constant_tensor(stored_name)
+    scales = [numpy_helper.to_array(index.constant_tensor(name)) for name in scale_names]
+    scale = np.ones(())
+    for factor in scales:  # a scalar input scale times per-channel weight scales
+        scale = scale * factor.astype(np.float64)
+    zero = None
+    if zero_point_name:
+        zero = numpy_helper.to_array(index.constant_tensor(zero_point_name))
     per_channel = scale.ndim == 1 and scale.size > 1
-    axis = int(attributes.get("axis", 1)) % rank if per_channel else None
     return Quantization(
-        scale_name=node.input[1],
-        scale=scale.astype(np.float64),
-        scale_dtype=scale.dtype,
-        zero_point=(np.zeros_like(scale, np.int64) if zero is None else zero.astype(np.int64)),
-        axis=axis,
+        # A product of scales is no tensor of its own: it is kept as it is, never grown.
+        scale_name=scale_names[0] if len(scale_names) == 1 else None,
+        scale=scale,
+        scale_dtype=scales[-1].dtype,
+        zero_point=(
+            np.zeros_like(scale, np.int64)
+            if zero is None
+            else zero.astype(np.int64).reshape(scale.shape)
+        ),
+        axis=axis % rank if per_channel else None,
         stored_dtype=np.dtype(helper.tensor_dtype_to_np_dtype(stored.data_type)),
     )

@@ -10,25 +10,47 @@ from dataclasses import dataclass
 import ml_dtypes  # onnx's own dependency: numpy's type for BFLOAT16 tensors
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from .graph import GraphIndex, WeightSource, weight_as_seen
+from .graph import GraphIndex, LayerDequantization, WeightSource, weight_as_seen
 
 # The projected ops by what they compute; onnxruntime's optimiser writes the `Fused*` ones
 # (a Conv, Gemm or MatMul with its activation or scaling folded in; same weight layout).
-CONV_OPS = ("Conv", "FusedConv")
-GEMM_OPS = ("Gemm", "FusedGemm")
-MATMUL_OPS = ("MatMul", "FusedMatMul")
+CONV_OPS = ("Conv", "FusedConv", "QLinearConv")
+GEMM_OPS = ("Gemm", "FusedGemm", "QGemm")
+MATMUL_OPS = ("MatMul", "FusedMatMul", "QLinearMatMul")
 PROJECTABLE_OPS = (*CONV_OPS, *GEMM_OPS, *MATMUL_OPS)
+
+
+@dataclass(frozen=True)
+class IntegerLayout:
+    """Where a QOperator layer reads what it dequantizes itself: input positions of its
+    input's scale and zero point, its weight and the weight's scale and zero point, its
+    int32 bias (dequantized with input scale x weight scale), and its output's scale and
+    zero point."""
+
+    input_scale: int
+    input_zero_point: int
+    weight: int
+    weight_scale: int
+    weight_zero_point: int
+    bias: int | None
+    output_scale: int
+    output_zero_point: int
+
+
+INTEGER_LAYOUTS = {
+    "QLinearConv": IntegerLayout(1, 2, 3, 4, 5, 8, 6, 7),
+    "QLinearMatMul": IntegerLayout(1, 2, 3, 4, 5, None, 6, 7),
+    "QGemm": IntegerLayout(1, 2, 3, 4, 5, 6, 7, 8),
+}
 STANDARD_DOMAINS = ("", "ai.onnx")
 MICROSOFT_DOMAIN = "com.microsoft"
+MICROSOFT_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "QGemm")  # of that domain only
 # Ops that carry a constant weight the projection leaves as it is: listed as skipped, with
 # why, so no weight is ever dropped silently.
 UNPROJECTED_WEIGHT_OPS = {
     "ConvTranspose": "ConvTranspose is not projected",
-    "QLinearConv": "integer (QOperator) layers are not projected yet",
-    "QLinearMatMul": "integer (QOperator) layers are not projected yet",
-    "QGemm": "integer (QOperator) layers are not projected yet",
     "ConvInteger": "integer layers of dynamic quantization are not projected yet",
     "MatMulInteger": "integer layers of dynamic quantization are not projected yet",
     "DynamicQuantizeMatMul": "integer layers of dynamic quantization are not projected yet",
@@ -38,6 +60,7 @@ UNPROJECTED_WEIGHT_OPS = {
     "RNN": "recurrent layers are not projected",
     "Attention": "fused attention with packed weights is not projected",
 }
+BIAS_INPUT = 2  # where Conv and Gemm read their bias
 PROJECTABLE_DTYPES = (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
 
 # Orientation of the weight as the layer uses it.
@@ -74,11 +97,20 @@ class Layer:
     input_size: int
     geometry: ConvGeometry | None
     shared: bool  # the stored weight also feeds another consumer: it gets its own copy
+    input_dtype: np.dtype  # of the tensor the layer reads: its weight's, or an integer type
+    # An integer layer's input is `(x - zero_point) * scale`: (scale, zero point).
+    input_dequantization: tuple[float, int] | None = None
+    bias_input: int | None = None  # where a Conv or Gemm reads its bias
 
     @property
     def statistic_key(self) -> tuple:
         """Layers reading the same tensor the same way share one Gram matrix."""
-        return (self.input, self.geometry)
+        return (self.input, self.geometry, self.input_dequantization)
+
+    @property
+    def output_axis(self) -> int:
+        """The axis of the weight, as the layer sees it, that indexes its outputs."""
+        return 1 if self.orientation == IN_OUT else 0
 
 
 @dataclass(frozen=True)
@@ -121,9 +153,10 @@ def scan_layers(model: onnx.ModelProto) -> LayerScan:
 
 
 def _is_projectable_op(node: onnx.NodeProto) -> bool:
-    """A standard Conv, Gemm or MatMul, or onnxruntime's fused form of one."""
-    if node.op_type.startswith("Fused"):
-        return node.op_type in PROJECTABLE_OPS and node.domain == MICROSOFT_DOMAIN
+    """A standard Conv, Gemm or MatMul (float or QLinear), or onnxruntime's fused or
+    integer form of one."""
+    if node.op_type in MICROSOFT_OPS:
+        return node.domain == MICROSOFT_DOMAIN
     return node.op_type in PROJECTABLE_OPS and node.domain in STANDARD_DOMAINS
 
 
@@ -150,9 +183,11 @@ def _subgraph_layers(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.NodeProto
 def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
     """The Layer for a Conv/Gemm/MatMul node, or the reason it cannot be projected."""
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if len(node.input) < 2:
+    layout = INTEGER_LAYOUTS.get(node.op_type)
+    weight_position = layout.weight if layout else 1
+    if len(node.input) <= weight_position:
         return "missing weight input"
-    data, weight = node.input[0], node.input[1]
+    data, weight = node.input[0], node.input[weight_position]
     if attributes.get("transA", 0):
         return f"{node.op_type} with transA=1"
     if attributes.get("transBatchA", 0) or attributes.get("transBatchB", 0):
@@ -162,6 +197,12 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
     source = index.trace_weight(weight)
     if isinstance(source, str):
         return source
+    input_dequantization = None
+    if layout is not None:
+        found = _integer_layer(index, node, layout, source, attributes)
+        if isinstance(found, str):
+            return found
+        source, input_dequantization = found
     shape, dtype = weight_as_seen(index, source)
     stored = index.constant_tensor(source.tensor)
     stored_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(stored.data_type))
@@ -205,7 +246,51 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
         input_size=input_size,
         geometry=geometry,
         shared=False,
+        input_dtype=(
+            np.dtype(dtype) if layout is None else _constant_dtype(index, node.input[2], np.uint8)
+        ),
+        input_dequantization=input_dequantization,
+        bias_input=_bias_input(node, layout),
     )
+
+
+def _bias_input(node: onnx.NodeProto, layout: IntegerLayout | None) -> int | None:
+    """Where a Conv or Gemm reads its bias (a MatMul has none of its own)."""
+    position = layout.bias if layout else BIAS_INPUT
+    if node.op_type in MATMUL_OPS or position is None:
+        return None
+    return position if len(node.input) > position and node.input[position] else None
+
+
+def _integer_layer(index, node, layout: IntegerLayout, source: WeightSource, attributes):
+    """An integer layer's weight as dequantized by the layer, and its input's (scale,
+    zero point); or why it cannot be projected."""
+    names = list(node.input)
+    needed = (layout.input_scale, layout.weight_scale)
+    if any(len(names) <= i or index.constant_tensor(names[i]) is None for i in needed):
+        return "its scales are not constants"
+    if source.chain:
+        return "its integer weight passes through other nodes"
+    input_scale = numpy_helper.to_array(index.constant_tensor(names[layout.input_scale]))
+    if input_scale.size != 1:
+        return "its input is quantized per channel"
+    zero_name = names[layout.input_zero_point] if layout.input_zero_point < len(names) else ""
+    zero = numpy_helper.to_array(index.constant_tensor(zero_name)) if zero_name else np.zeros(1)
+    weight_zero = names[layout.weight_zero_point] if layout.weight_zero_point < len(names) else ""
+    # Per-channel scales run along the outputs: a conv's first axis, a [K, N] weight's last.
+    transposed = node.op_type == "QGemm" and attributes.get("transB", 0)
+    axis = 0 if node.op_type in CONV_OPS or transposed else 1
+    by_layer = LayerDequantization((names[layout.weight_scale],), weight_zero or None, axis)
+    source = dataclasses.replace(source, dequantized_by_layer=by_layer)
+    return source, (float(input_scale.reshape(())), int(zero.reshape(-1)[0]))
+
+
+def _constant_dtype(index: GraphIndex, name: str, default) -> np.dtype:
+    """The element type of constant `name` (an integer input's zero point)."""
+    tensor = index.constant_tensor(name) if name else None
+    if tensor is None:
+        return np.dtype(default)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
 
 
 def _text(value) -> str:
@@ -226,6 +311,9 @@ class Head:
     bias_node: str | None = None
     bias_input: int | None = None
     bias_shared: bool = False
+    # An integer head writes quantized logits: (scale, zero point) and their type.
+    logits_dequantization: tuple[float, int] | None = None
+    logits_dtype: np.dtype | None = None
 
 
 def find_head(
@@ -247,12 +335,19 @@ def find_head(
     layer = heads[-1]
     node = index.node_by_name[layer.node]
     if node.op_type in GEMM_OPS:
-        if len(node.input) > 2 and node.input[2]:
-            bias = index.trace_weight(node.input[2])
-            if isinstance(bias, WeightSource):
-                shared = not index.is_exclusive(bias)
-                return Head(layer, node.output[0], bias, layer.node, 2, shared)
-        return Head(layer, node.output[0])
+        head = Head(layer, node.output[0], **_quantized_logits(index, node))
+        bias = index.trace_weight(node.input[layer.bias_input]) if layer.bias_input else None
+        if isinstance(bias, WeightSource):
+            layout = INTEGER_LAYOUTS.get(node.op_type)
+            if layout is not None:  # an int32 bias scaled by input scale x weight scale
+                scales = (node.input[layout.input_scale], node.input[layout.weight_scale])
+                bias = dataclasses.replace(
+                    bias, dequantized_by_layer=LayerDequantization(scales, None, 0)
+                )
+            shared = not index.is_exclusive(bias)
+            head = dataclasses.replace(head, bias=bias, bias_node=layer.node)
+            head = dataclasses.replace(head, bias_input=layer.bias_input, bias_shared=shared)
+        return head
     readers = [(index.names[i], model.graph.node[i]) for i in index.readers.get(node.output[0], ())]
     if len(readers) == 1 and readers[0][1].op_type == "Add":
         name, add = readers[0]
@@ -263,3 +358,29 @@ def find_head(
             shared = not index.is_exclusive(bias)
             return Head(layer, add.output[0], bias, name, position, shared)
     return Head(layer, node.output[0])
+
+
+def _quantized_logits(index: GraphIndex, node: onnx.NodeProto) -> dict:
+    """An integer head's output quantization, as Head fields (none for a float head)."""
+    layout = INTEGER_LAYOUTS.get(node.op_type)
+    if layout is None or len(node.input) <= layout.output_scale:
+        return {}
+    if not node.input[layout.output_scale]:
+        return {}
+    scale = numpy_helper.to_array(index.constant_tensor(node.input[layout.output_scale]))
+    has_zero = len(node.input) > layout.output_zero_point
+    zero_name = node.input[layout.output_zero_point] if has_zero else ""
+    zero = numpy_helper.to_array(index.constant_tensor(zero_name)) if zero_name else np.zeros(1)
+    return {
+        "logits_dequantization": (float(scale.reshape(())), int(zero.reshape(-1)[0])),
+        "logits_dtype": _constant_dtype(index, zero_name, np.uint8),
+    }
+
+
+def dequantized(values: np.ndarray, dequantization: tuple[float, int] | None) -> np.ndarray:
+    """`(values - zero_point) * scale` of an integer tensor, in float32; float values as
+    they are."""
+    if dequantization is None:
+        return values
+    scale, zero = dequantization
+    return (values.astype(np.float32) - np.float32(zero)) * np.float32(scale)

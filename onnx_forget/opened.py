@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError, UnsupportedModelError
+from .graph import DEQUANTIZE
 from .layer_scan import Head, LayerScan, find_head, scan_layers
 from .metrics import class_scores
 from .modelio import LoadedModel, load_model
@@ -96,6 +97,16 @@ class OpenedModel:
         model = self.loaded.proto if model is None else model
         scan = self.scan if model is self.loaded.proto else scan_layers(model)
         return find_head(model, scan, count, self.signature.scores_name)
+
+    @property
+    def scores_quantized(self) -> bool:
+        """Whether the scores output is dequantized from a QuantizeLinear (a QDQ model)."""
+        producers = {out: node for node in self.loaded.proto.graph.node for out in node.output}
+        last = producers.get(self.signature.scores_name)
+        if last is None or last.op_type != DEQUANTIZE:
+            return False
+        before = producers.get(last.input[0])
+        return before is not None and before.op_type == "QuantizeLinear"
 
     @property
     def inputs(self) -> dict[str, tuple[Path, ...]]:

@@ -12,7 +12,7 @@ import numpy as np
 from .errors import InputError
 from .gram import StatisticsCollector, statistic_layers
 from .gram_file import ClassStatistics, load_statistics, statistic_id
-from .layer_scan import Head
+from .layer_scan import Head, dequantized
 from .opened import OpenedModel
 from .progress import progress_bar
 from .runtime import Runner
@@ -104,7 +104,7 @@ def pass_over_samples(
     timer: PhaseTimer,
 ) -> SamplePass:
     """Run the tapped model once over both sets, keeping `head`'s logits when given."""
-    logits = ((head.logits, head.layer.weight_dtype),) if head else ()
+    logits = ((head.logits, head.logits_dtype or head.layer.weight_dtype),) if head else ()
     with timer("taps"):
         runner = opened.tapped_runner(logits)
     with timer("collect"):
@@ -123,7 +123,7 @@ def pass_over_samples(
     def both(tensor: str) -> np.ndarray:
         return np.concatenate([kept[RETAIN][tensor], kept[FORGET][tensor]])
 
-    head_logits = both(head.logits) if head else None
+    head_logits = dequantized(both(head.logits), head.logits_dequantization) if head else None
     expected = (len(retain) + len(forget), opened.signature.class_count)
     problem = None
     if head_logits is not None and head_logits.shape != expected:

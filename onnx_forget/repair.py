@@ -19,7 +19,7 @@ import onnx
 import scipy.linalg
 
 from .errors import UnsupportedModelError
-from .layer_scan import OUT_IN, Head
+from .layer_scan import OUT_IN, Head, dequantized
 from .rewrite import WEIGHT_INPUT, WeightEditor, bias_of
 from .taps import add_taps
 
@@ -114,6 +114,7 @@ def repair_head(
     system = HeadSystem(head.layer.input_size, count, head.bias is not None)
     done = 0
     for batch, (features,) in runner.run(fit.samples.load, fit.indices, [head.layer.input]):
+        features = dequantized(features, head.layer.input_dequantization)
         system.add(features.reshape(-1, head.layer.input_size), targets[done : done + len(batch)])
         done += len(batch)
     return write_head(model, head, system)

@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graph import DEQUANTIZE, GraphIndex, WeightSource, pass_through_steps
-from .layer_scan import CONV, CONV_OPS, GEMM_OPS, IN_OUT, OUT_IN, Layer
+from .layer_scan import CONV, IN_OUT, OUT_IN, Layer
 from .subspace import Projection
 
 WEIGHT_INPUT = 1  # Conv, Gemm and MatMul all read their weight as input 1
@@ -65,7 +65,7 @@ class WeightEditor:
         position: int,
         private: bool,
         change: Callable[[np.ndarray], np.ndarray],
-        bias: tuple[int, int] | None = None,
+        bias: tuple[int, int, bool] | None = None,
     ) -> str | None:
         """Replace a stored constant by `change` of its value as `consumer` sees it.
 
@@ -105,14 +105,19 @@ class WeightEditor:
         return copy_name
 
     def _rescale_bias(
-        self, consumer: str, bias: tuple[int, int], axis: int | None, growth: np.ndarray
+        self, consumer: str, bias: tuple[int, int, bool], axis: int | None, growth: np.ndarray
     ) -> None:
         """Keep an int32 bias dequantized with input scale x weight scale on that product
-        after weight scales grew by `growth`: its scale grows alike, its integers shrink,
-        its float values stay."""
-        position, output_axis = bias
+        after weight scales grew by `growth`: its scale grows alike (where it is a tensor
+        of its own), its integers shrink, its float values stay."""
+        position, output_axis, scaled_by_layer = bias
         node = self.node_by_name[consumer]
         if axis not in (None, output_axis) or len(node.input) <= position:
+            return
+        if scaled_by_layer:
+            name = node.input[position]
+            stored = numpy_helper.to_array(self.stored(name))
+            self._write(name, np.rint(stored / growth.reshape(-1)).astype(stored.dtype))
             return
         source = self.index.trace_weight(node.input[position])
         if isinstance(source, str) or not self.index.is_dequantized(source):
@@ -259,11 +264,12 @@ def rewrite_model(
     return Rewritten(editor.finish(metadata), copies, editor.rescaled_channels)
 
 
-def bias_of(layer: Layer) -> tuple[int, int] | None:
-    """Where a Conv or Gemm reads its bias, and its weight's output-channel axis."""
-    if layer.op not in (*CONV_OPS, *GEMM_OPS):
+def bias_of(layer: Layer) -> tuple[int, int, bool] | None:
+    """Where a layer reads its bias, its weight's output-channel axis, and whether the
+    layer itself scales the bias by input scale x weight scale (an integer layer)."""
+    if layer.bias_input is None:
         return None
-    return BIAS_INPUT, 1 if layer.orientation == IN_OUT else 0
+    return layer.bias_input, layer.output_axis, layer.weight.dequantized_by_layer is not None
 
 
 def _project_readers(editor: WeightEditor, readers: list[Layer], projection: Projection):

@@ -26,7 +26,7 @@ def add_taps(
         graph = gs.import_onnx(model)
         tensors = graph.tensors()
         graph.outputs = [tensors[scores_name]]
-        wanted = [(layer.input, layer.weight_dtype) for layer in layers] + list(also)
+        wanted = [(layer.input, layer.input_dtype) for layer in layers] + list(also)
         for name, dtype in wanted:
             tap = tensors[name]
             if tap not in graph.outputs:
