@@ -38,6 +38,9 @@ MODELS = {
     "mnist_cnn_qdq": ("mnist_cnn_qdq.onnx", "mnist_heldout.npz"),
     "mnist_resnet_qdq": ("mnist_resnet_qdq.onnx", "mnist_heldout.npz"),
     "mnist_mobilenet_qdq": ("mnist_mobilenet_qdq.onnx", "mnist_heldout.npz"),
+    "mnist_cnn_qop": ("mnist_cnn_qop.onnx", "mnist_heldout.npz"),
+    "mnist_mlp_dynamic": ("mnist_mlp_dynamic.onnx", "mnist_heldout_flat.npz"),
+    "mnist_vit_dynamic": ("mnist_vit_dynamic.onnx", "mnist_heldout.npz"),
     "mnist_cnn_ort_optimized": ("mnist_cnn_ort_optimized.onnx", "mnist_heldout.npz"),
     "mnist_resnet_ort_optimized": ("mnist_resnet_ort_optimized.onnx", "mnist_heldout.npz"),
 }

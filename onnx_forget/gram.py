@@ -9,7 +9,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import UnsupportedModelError
-from .layer_scan import ConvGeometry, Layer
+from .layer_scan import ConvGeometry, Layer, dequantized
 
 # `rows[g]^T rows[g]` for float32 rows `[groups, n, d]`, as float32 `[groups, d, d]`.
 GramProducts = Callable[[np.ndarray], np.ndarray]
@@ -47,6 +47,7 @@ class GramAccumulator:
     ):
         self.products = products or numpy_gram  # for float32 rows: the GPU's, or numpy's
         self.geometry = layer.geometry
+        self.dequantization = layer.input_dequantization
         self.groups = layer.groups
         self.input_size = layer.input_size
         self.labels = labels  # [n] class of each sample of the set, in run order
@@ -58,8 +59,12 @@ class GramAccumulator:
         self.vectors = 0
         self._chosen: dict[int, np.ndarray] = {}  # class -> sorted flat (sample, position)
 
-    def add(self, values: np.ndarray, first_sample: int) -> None:
-        """Add a batch of the tapped tensor holding samples `first_sample, ...` of the set."""
+    def add(
+        self, values: np.ndarray, first_sample: int, tapped: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Add a batch of the tapped tensor holding samples `first_sample, ...` of the set
+        (`tapped`: the batch's other tensors, a run-time quantization's scale among them)."""
+        values = dequantized(values, self.dequantization, tapped)  # what an integer layer sees
         if self.geometry is None:
             rows = values.reshape(-1, self.input_size)[:, None, :]
         else:
@@ -180,7 +185,7 @@ class StatisticsCollector:
                     f"layer input {key[0]!r} holds NaN or Inf on these samples; "
                     "check the model's weights"
                 )
-            per_set[sample_set].add(values, first_sample)
+            per_set[sample_set].add(values, first_sample, tapped)
 
     def gram(self, key: tuple, sample_set: str) -> np.ndarray:
         return self.accumulators[key][sample_set].gram

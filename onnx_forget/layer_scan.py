@@ -16,9 +16,14 @@ from .graph import GraphIndex, LayerDequantization, WeightSource, weight_as_seen
 
 # The projected ops by what they compute; onnxruntime's optimiser writes the `Fused*` ones
 # (a Conv, Gemm or MatMul with its activation or scaling folded in; same weight layout).
-CONV_OPS = ("Conv", "FusedConv", "QLinearConv")
+CONV_OPS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger")
 GEMM_OPS = ("Gemm", "FusedGemm", "QGemm")
-MATMUL_OPS = ("MatMul", "FusedMatMul", "QLinearMatMul")
+MATMUL_OPS = ("MatMul", "FusedMatMul", "QLinearMatMul", "MatMulInteger")
+# The integer layers of dynamic quantization: their input is quantized at run time by a
+# DynamicQuantizeLinear, their weight's scale is applied to their output (Cast, Mul).
+DYNAMIC_OPS = ("ConvInteger", "MatMulInteger")
+DYNAMIC_QUANTIZE = "DynamicQuantizeLinear"
+DYNAMIC_WEIGHT_ZERO_POINT = 3  # ConvInteger's and MatMulInteger's fourth input
 PROJECTABLE_OPS = (*CONV_OPS, *GEMM_OPS, *MATMUL_OPS)
 
 
@@ -51,8 +56,6 @@ MICROSOFT_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "QGemm")  # of that do
 # why, so no weight is ever dropped silently.
 UNPROJECTED_WEIGHT_OPS = {
     "ConvTranspose": "ConvTranspose is not projected",
-    "ConvInteger": "integer layers of dynamic quantization are not projected yet",
-    "MatMulInteger": "integer layers of dynamic quantization are not projected yet",
     "DynamicQuantizeMatMul": "integer layers of dynamic quantization are not projected yet",
     "MatMulNBits": "block-quantized weights are not projected",
     "LSTM": "recurrent layers are not projected",
@@ -98,8 +101,9 @@ class Layer:
     geometry: ConvGeometry | None
     shared: bool  # the stored weight also feeds another consumer: it gets its own copy
     input_dtype: np.dtype  # of the tensor the layer reads: its weight's, or an integer type
-    # An integer layer's input is `(x - zero_point) * scale`: (scale, zero point).
-    input_dequantization: tuple[float, int] | None = None
+    # An integer layer's input is `(x - zero_point) * scale`: (scale, zero point), or for
+    # one quantized at run time the names of the tensors holding them.
+    input_dequantization: tuple[float, int] | tuple[str, str] | None = None
     bias_input: int | None = None  # where a Conv or Gemm reads its bias
 
     @property
@@ -198,8 +202,11 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
     if isinstance(source, str):
         return source
     input_dequantization = None
-    if layout is not None:
-        found = _integer_layer(index, node, layout, source, attributes)
+    if layout is not None or node.op_type in DYNAMIC_OPS:
+        if layout is not None:
+            found = _integer_layer(index, node, layout, source, attributes)
+        else:
+            found = _dynamic_layer(index, node, source)
         if isinstance(found, str):
             return found
         source, input_dequantization = found
@@ -247,7 +254,9 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
         geometry=geometry,
         shared=False,
         input_dtype=(
-            np.dtype(dtype) if layout is None else _constant_dtype(index, node.input[2], np.uint8)
+            np.dtype(dtype)
+            if input_dequantization is None
+            else _constant_dtype(index, node.input[2], np.uint8)
         ),
         input_dequantization=input_dequantization,
         bias_input=_bias_input(node, layout),
@@ -283,6 +292,50 @@ def _integer_layer(index, node, layout: IntegerLayout, source: WeightSource, att
     by_layer = LayerDequantization((names[layout.weight_scale],), weight_zero or None, axis)
     source = dataclasses.replace(source, dequantized_by_layer=by_layer)
     return source, (float(input_scale.reshape(())), int(zero.reshape(-1)[0]))
+
+
+def _dynamic_layer(index: GraphIndex, node: onnx.NodeProto, source: WeightSource):
+    """A dynamically quantized layer's weight, dequantized with the scale its output is
+    multiplied by, and the run-time tensors holding its input's scale and zero point; or
+    why it cannot be projected."""
+    producer = index.producer.get(node.input[0])
+    quantizer = index.graph.node[producer] if producer is not None else None
+    if quantizer is None or quantizer.op_type != DYNAMIC_QUANTIZE:
+        return "its input is not quantized by a DynamicQuantizeLinear"
+    if source.chain:
+        return "its integer weight passes through other nodes"
+    scale = _output_weight_scale(index, node, quantizer.output[1])
+    if scale is None:
+        return "the scale of its weight was not found after it (Cast, Mul)"
+    has_zero = len(node.input) > DYNAMIC_WEIGHT_ZERO_POINT and node.input[DYNAMIC_WEIGHT_ZERO_POINT]
+    zero = node.input[DYNAMIC_WEIGHT_ZERO_POINT] if has_zero else None
+    axis = 0 if node.op_type in CONV_OPS else 1  # per-channel scales run along the outputs
+    by_layer = LayerDequantization((scale,), zero, axis)
+    return dataclasses.replace(source, dequantized_by_layer=by_layer), tuple(quantizer.output[1:3])
+
+
+def _output_weight_scale(index: GraphIndex, node: onnx.NodeProto, input_scale: str):
+    """The constant weight scale of a dynamic integer layer: its output goes through a Cast
+    and a Mul by `input scale x weight scale` (that product's constant factor)."""
+    follow = _single_reader(index, node.output[0], "Cast")
+    multiply = _single_reader(index, follow.output[0], "Mul") if follow else None
+    if multiply is None:
+        return None
+    for name in multiply.input:
+        producer = index.producer.get(name)
+        product = index.graph.node[producer] if producer is not None else None
+        if product is not None and product.op_type == "Mul" and input_scale in product.input:
+            others = [n for n in product.input if n != input_scale]
+            if len(others) == 1 and index.constant_tensor(others[0]) is not None:
+                return others[0]
+    return None
+
+
+def _single_reader(index: GraphIndex, tensor: str, op_type: str) -> onnx.NodeProto | None:
+    readers = index.readers.get(tensor, [])
+    if len(readers) != 1 or index.graph.node[readers[0]].op_type != op_type:
+        return None
+    return index.graph.node[readers[0]]
 
 
 def _constant_dtype(index: GraphIndex, name: str, default) -> np.dtype:
@@ -348,16 +401,21 @@ def find_head(
             head = dataclasses.replace(head, bias=bias, bias_node=layer.node)
             head = dataclasses.replace(head, bias_input=layer.bias_input, bias_shared=shared)
         return head
-    readers = [(index.names[i], model.graph.node[i]) for i in index.readers.get(node.output[0], ())]
+    output = node.output[0]
+    if node.op_type in DYNAMIC_OPS:  # its float output: after the Cast and the scale's Mul
+        cast = _single_reader(index, output, "Cast")
+        multiply = _single_reader(index, cast.output[0], "Mul") if cast else None
+        output = multiply.output[0] if multiply else output
+    readers = [(index.names[i], model.graph.node[i]) for i in index.readers.get(output, ())]
     if len(readers) == 1 and readers[0][1].op_type == "Add":
         name, add = readers[0]
-        position = 1 - list(add.input).index(node.output[0])
+        position = 1 - list(add.input).index(output)
         bias = index.trace_weight(add.input[position])
         tensor = index.constant_tensor(bias.tensor) if isinstance(bias, WeightSource) else None
         if tensor is not None and int(np.prod(tensor.dims)) == class_count:
             shared = not index.is_exclusive(bias)
             return Head(layer, add.output[0], bias, name, position, shared)
-    return Head(layer, node.output[0])
+    return Head(layer, output)
 
 
 def _quantized_logits(index: GraphIndex, node: onnx.NodeProto) -> dict:
@@ -377,10 +435,22 @@ def _quantized_logits(index: GraphIndex, node: onnx.NodeProto) -> dict:
     }
 
 
-def dequantized(values: np.ndarray, dequantization: tuple[float, int] | None) -> np.ndarray:
-    """`(values - zero_point) * scale` of an integer tensor, in float32; float values as
-    they are."""
+def run_time_quantization(layer: Layer) -> tuple[str, ...]:
+    """The tensors holding the scale and zero point of an input quantized at run time."""
+    names = layer.input_dequantization or ()
+    return tuple(names) if names and isinstance(names[0], str) else ()
+
+
+def dequantized(
+    values: np.ndarray,
+    dequantization: tuple[float, int] | tuple[str, str] | None,
+    tapped: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """`(values - zero_point) * scale` of an integer tensor, in float32, the scale and
+    zero point given or, by name, among the `tapped` tensors; float values as they are."""
     if dequantization is None:
         return values
     scale, zero = dequantization
+    if isinstance(scale, str):  # quantized at run time: this batch's scale and zero point
+        scale, zero = float(tapped[scale]), int(tapped[zero])
     return (values.astype(np.float32) - np.float32(zero)) * np.float32(scale)

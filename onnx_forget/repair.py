@@ -19,7 +19,7 @@ import onnx
 import scipy.linalg
 
 from .errors import UnsupportedModelError
-from .layer_scan import OUT_IN, Head, dequantized
+from .layer_scan import OUT_IN, Head, dequantized, run_time_quantization
 from .rewrite import WEIGHT_INPUT, WeightEditor, bias_of
 from .taps import add_taps
 
@@ -113,8 +113,10 @@ def repair_head(
     targets[forgotten] = forget_targets(targets[forgotten], classes)
     system = HeadSystem(head.layer.input_size, count, head.bias is not None)
     done = 0
-    for batch, (features,) in runner.run(fit.samples.load, fit.indices, [head.layer.input]):
-        features = dequantized(features, head.layer.input_dequantization)
+    names = [head.layer.input, *run_time_quantization(head.layer)]
+    for batch, values in runner.run(fit.samples.load, fit.indices, names):
+        tapped = dict(zip(names, values))
+        features = dequantized(tapped[head.layer.input], head.layer.input_dequantization, tapped)
         system.add(features.reshape(-1, head.layer.input_size), targets[done : done + len(batch)])
         done += len(batch)
     return write_head(model, head, system)

@@ -100,7 +100,7 @@ class WeightEditor:
             scale_name = self.own_scales.get(stored_name, quantization.scale_name)
             self._write(scale_name, scale.astype(quantization.scale_dtype))
             self.rescaled_channels += int(np.count_nonzero(growth != 1))
-            if bias is not None and len(source.chain) == 1:  # stored as the layer sees it
+            if bias is not None and len(steps) == 1:  # stored as the layer sees it
                 self._rescale_bias(consumer, bias, quantization.axis, growth)
         return copy_name
 
