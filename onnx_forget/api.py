@@ -1,6 +1,10 @@
 """The public entry points, each reading as the stages of its run: `forget` (samples or
 statistics → new model), `tune` (α search), `collect` and `merge` (statistics files),
-`evaluate` (a model on labelled samples), `layers` (what is projected)."""
+`evaluate` (a model on labelled samples), `layers` (what is projected).
+
+Each function names every option it takes as a keyword argument, so that `help()` and
+editors show them; that, not their bodies, is what makes the signatures long.
+"""
 
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ from .options import (
 from .outputs import REPORT_OUTPUT, OutputFiles, check_outputs
 from .passes import pass_from_statistics, pass_over_samples, tapped_pass
 from .report import Report
-from .samples import choose_from_class, split_validation
+from .selection import choose_from_class, split_validation
 from .timing import PhaseTimer
 
 # docs/method.md: the grid the paper searched, scored by retain_acc * (100 - forget_acc).

@@ -9,7 +9,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import UnsupportedModelError
-from .layer_scan import ConvGeometry, Layer, dequantized
+from .integer_layers import dequantized
+from .layer_scan import ConvGeometry, Layer
 
 # `rows[g]^T rows[g]` for float32 rows `[groups, n, d]`, as float32 `[groups, d, d]`.
 GramProducts = Callable[[np.ndarray], np.ndarray]

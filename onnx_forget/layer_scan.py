@@ -10,45 +10,28 @@ from dataclasses import dataclass
 import ml_dtypes  # onnx's own dependency: numpy's type for BFLOAT16 tensors
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .graph import GraphIndex, LayerDequantization, WeightSource, weight_as_seen
+from .integer_layers import (
+    DYNAMIC_OPS,
+    INTEGER_LAYOUTS,
+    IntegerLayout,
+    constant_dtype,
+    dynamic_layer,
+    integer_layer,
+    quantized_logits,
+    single_reader,
+)
 
 # The projected ops by what they compute; onnxruntime's optimiser writes the `Fused*` ones
 # (a Conv, Gemm or MatMul with its activation or scaling folded in; same weight layout).
 CONV_OPS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger")
 GEMM_OPS = ("Gemm", "FusedGemm", "QGemm")
 MATMUL_OPS = ("MatMul", "FusedMatMul", "QLinearMatMul", "MatMulInteger")
-# The integer layers of dynamic quantization: their input is quantized at run time by a
-# DynamicQuantizeLinear, their weight's scale is applied to their output (Cast, Mul).
-DYNAMIC_OPS = ("ConvInteger", "MatMulInteger")
-DYNAMIC_QUANTIZE = "DynamicQuantizeLinear"
-DYNAMIC_WEIGHT_ZERO_POINT = 3  # ConvInteger's and MatMulInteger's fourth input
 PROJECTABLE_OPS = (*CONV_OPS, *GEMM_OPS, *MATMUL_OPS)
 
 
-@dataclass(frozen=True)
-class IntegerLayout:
-    """Where a QOperator layer reads what it dequantizes itself: input positions of its
-    input's scale and zero point, its weight and the weight's scale and zero point, its
-    int32 bias (dequantized with input scale x weight scale), and its output's scale and
-    zero point."""
-
-    input_scale: int
-    input_zero_point: int
-    weight: int
-    weight_scale: int
-    weight_zero_point: int
-    bias: int | None
-    output_scale: int
-    output_zero_point: int
-
-
-INTEGER_LAYOUTS = {
-    "QLinearConv": IntegerLayout(1, 2, 3, 4, 5, 8, 6, 7),
-    "QLinearMatMul": IntegerLayout(1, 2, 3, 4, 5, None, 6, 7),
-    "QGemm": IntegerLayout(1, 2, 3, 4, 5, 6, 7, 8),
-}
 STANDARD_DOMAINS = ("", "ai.onnx")
 MICROSOFT_DOMAIN = "com.microsoft"
 MICROSOFT_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "QGemm")  # of that domain only
@@ -204,9 +187,9 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
     input_dequantization = None
     if layout is not None or node.op_type in DYNAMIC_OPS:
         if layout is not None:
-            found = _integer_layer(index, node, layout, source, attributes)
+            found = integer_layer(index, node, layout, source, attributes)
         else:
-            found = _dynamic_layer(index, node, source)
+            found = dynamic_layer(index, node, source)
         if isinstance(found, str):
             return found
         source, input_dequantization = found
@@ -216,31 +199,10 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
     dequantized = stored_dtype.kind in "iuV" and index.is_dequantized(source)
     if not (stored_dtype in PROJECTABLE_DTYPES or dequantized) or dtype not in PROJECTABLE_DTYPES:
         return f"weight stored as {stored_dtype.name}, not a float type"
-    geometry = None
-    if node.op_type in CONV_OPS:
-        if len(shape) < 3:
-            return f"conv weight of rank {len(shape)}"
-        groups = int(attributes.get("group", 1))
-        spatial = len(shape) - 2
-        kernel = tuple(shape[2:])
-        geometry = ConvGeometry(
-            kernel=kernel,
-            strides=tuple(attributes.get("strides", (1,) * spatial)),
-            dilations=tuple(attributes.get("dilations", (1,) * spatial)),
-            pads=tuple(attributes.get("pads", (0,) * 2 * spatial)),
-            auto_pad=_text(attributes.get("auto_pad", "NOTSET")),
-            groups=groups,
-        )
-        orientation, input_size = CONV, shape[1] * int(np.prod(kernel))
-        if shape[0] % groups:
-            return f"{shape[0]} output channels do not split into {groups} groups"
-    else:
-        if len(shape) != 2:
-            return f"weight of rank {len(shape)} (only 2-D weights are projected)"
-        groups = 1
-        transposed = attributes.get("transB", 0)  # Gemm's and FusedMatMul's
-        orientation = OUT_IN if transposed else IN_OUT
-        input_size = shape[1] if transposed else shape[0]
+    oriented = _orientation(node.op_type in CONV_OPS, shape, attributes)
+    if isinstance(oriented, str):
+        return oriented
+    orientation, input_size, groups, geometry = oriented
     return Layer(
         node=name,
         op=node.op_type,
@@ -256,11 +218,37 @@ def _layer(index: GraphIndex, name: str, node: onnx.NodeProto) -> Layer | str:
         input_dtype=(
             np.dtype(dtype)
             if input_dequantization is None
-            else _constant_dtype(index, node.input[2], np.uint8)
+            else constant_dtype(index, node.input[2], np.uint8)
         ),
         input_dequantization=input_dequantization,
         bias_input=_bias_input(node, layout),
     )
+
+
+def _orientation(is_conv: bool, shape: tuple[int, ...], attributes: dict):
+    """(orientation, input size, groups, conv geometry) of a weight seen as `shape`, or
+    why it cannot be projected."""
+    if not is_conv:
+        if len(shape) != 2:
+            return f"weight of rank {len(shape)} (only 2-D weights are projected)"
+        transposed = attributes.get("transB", 0)  # Gemm's and FusedMatMul's
+        return (OUT_IN, shape[1], 1, None) if transposed else (IN_OUT, shape[0], 1, None)
+    if len(shape) < 3:
+        return f"conv weight of rank {len(shape)}"
+    groups = int(attributes.get("group", 1))
+    if shape[0] % groups:
+        return f"{shape[0]} output channels do not split into {groups} groups"
+    spatial = len(shape) - 2
+    kernel = tuple(shape[2:])
+    geometry = ConvGeometry(
+        kernel=kernel,
+        strides=tuple(attributes.get("strides", (1,) * spatial)),
+        dilations=tuple(attributes.get("dilations", (1,) * spatial)),
+        pads=tuple(attributes.get("pads", (0,) * 2 * spatial)),
+        auto_pad=_text(attributes.get("auto_pad", "NOTSET")),
+        groups=groups,
+    )
+    return CONV, shape[1] * int(np.prod(kernel)), groups, geometry
 
 
 def _bias_input(node: onnx.NodeProto, layout: IntegerLayout | None) -> int | None:
@@ -269,81 +257,6 @@ def _bias_input(node: onnx.NodeProto, layout: IntegerLayout | None) -> int | Non
     if node.op_type in MATMUL_OPS or position is None:
         return None
     return position if len(node.input) > position and node.input[position] else None
-
-
-def _integer_layer(index, node, layout: IntegerLayout, source: WeightSource, attributes):
-    """An integer layer's weight as dequantized by the layer, and its input's (scale,
-    zero point); or why it cannot be projected."""
-    names = list(node.input)
-    needed = (layout.input_scale, layout.weight_scale)
-    if any(len(names) <= i or index.constant_tensor(names[i]) is None for i in needed):
-        return "its scales are not constants"
-    if source.chain:
-        return "its integer weight passes through other nodes"
-    input_scale = numpy_helper.to_array(index.constant_tensor(names[layout.input_scale]))
-    if input_scale.size != 1:
-        return "its input is quantized per channel"
-    zero_name = names[layout.input_zero_point] if layout.input_zero_point < len(names) else ""
-    zero = numpy_helper.to_array(index.constant_tensor(zero_name)) if zero_name else np.zeros(1)
-    weight_zero = names[layout.weight_zero_point] if layout.weight_zero_point < len(names) else ""
-    # Per-channel scales run along the outputs: a conv's first axis, a [K, N] weight's last.
-    transposed = node.op_type == "QGemm" and attributes.get("transB", 0)
-    axis = 0 if node.op_type in CONV_OPS or transposed else 1
-    by_layer = LayerDequantization((names[layout.weight_scale],), weight_zero or None, axis)
-    source = dataclasses.replace(source, dequantized_by_layer=by_layer)
-    return source, (float(input_scale.reshape(())), int(zero.reshape(-1)[0]))
-
-
-def _dynamic_layer(index: GraphIndex, node: onnx.NodeProto, source: WeightSource):
-    """A dynamically quantized layer's weight, dequantized with the scale its output is
-    multiplied by, and the run-time tensors holding its input's scale and zero point; or
-    why it cannot be projected."""
-    producer = index.producer.get(node.input[0])
-    quantizer = index.graph.node[producer] if producer is not None else None
-    if quantizer is None or quantizer.op_type != DYNAMIC_QUANTIZE:
-        return "its input is not quantized by a DynamicQuantizeLinear"
-    if source.chain:
-        return "its integer weight passes through other nodes"
-    scale = _output_weight_scale(index, node, quantizer.output[1])
-    if scale is None:
-        return "the scale of its weight was not found after it (Cast, Mul)"
-    has_zero = len(node.input) > DYNAMIC_WEIGHT_ZERO_POINT and node.input[DYNAMIC_WEIGHT_ZERO_POINT]
-    zero = node.input[DYNAMIC_WEIGHT_ZERO_POINT] if has_zero else None
-    axis = 0 if node.op_type in CONV_OPS else 1  # per-channel scales run along the outputs
-    by_layer = LayerDequantization((scale,), zero, axis)
-    return dataclasses.replace(source, dequantized_by_layer=by_layer), tuple(quantizer.output[1:3])
-
-
-def _output_weight_scale(index: GraphIndex, node: onnx.NodeProto, input_scale: str):
-    """The constant weight scale of a dynamic integer layer: its output goes through a Cast
-    and a Mul by `input scale x weight scale` (that product's constant factor)."""
-    follow = _single_reader(index, node.output[0], "Cast")
-    multiply = _single_reader(index, follow.output[0], "Mul") if follow else None
-    if multiply is None:
-        return None
-    for name in multiply.input:
-        producer = index.producer.get(name)
-        product = index.graph.node[producer] if producer is not None else None
-        if product is not None and product.op_type == "Mul" and input_scale in product.input:
-            others = [n for n in product.input if n != input_scale]
-            if len(others) == 1 and index.constant_tensor(others[0]) is not None:
-                return others[0]
-    return None
-
-
-def _single_reader(index: GraphIndex, tensor: str, op_type: str) -> onnx.NodeProto | None:
-    readers = index.readers.get(tensor, [])
-    if len(readers) != 1 or index.graph.node[readers[0]].op_type != op_type:
-        return None
-    return index.graph.node[readers[0]]
-
-
-def _constant_dtype(index: GraphIndex, name: str, default) -> np.dtype:
-    """The element type of constant `name` (an integer input's zero point)."""
-    tensor = index.constant_tensor(name) if name else None
-    if tensor is None:
-        return np.dtype(default)
-    return np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
 
 
 def _text(value) -> str:
@@ -388,7 +301,7 @@ def find_head(
     layer = heads[-1]
     node = index.node_by_name[layer.node]
     if node.op_type in GEMM_OPS:
-        head = Head(layer, node.output[0], **_quantized_logits(index, node))
+        head = Head(layer, node.output[0], **quantized_logits(index, node))
         bias = index.trace_weight(node.input[layer.bias_input]) if layer.bias_input else None
         if isinstance(bias, WeightSource):
             layout = INTEGER_LAYOUTS.get(node.op_type)
@@ -403,8 +316,8 @@ def find_head(
         return head
     output = node.output[0]
     if node.op_type in DYNAMIC_OPS:  # its float output: after the Cast and the scale's Mul
-        cast = _single_reader(index, output, "Cast")
-        multiply = _single_reader(index, cast.output[0], "Mul") if cast else None
+        cast = single_reader(index, output, "Cast")
+        multiply = single_reader(index, cast.output[0], "Mul") if cast else None
         output = multiply.output[0] if multiply else output
     readers = [(index.names[i], model.graph.node[i]) for i in index.readers.get(output, ())]
     if len(readers) == 1 and readers[0][1].op_type == "Add":
@@ -416,41 +329,3 @@ def find_head(
             shared = not index.is_exclusive(bias)
             return Head(layer, add.output[0], bias, name, position, shared)
     return Head(layer, output)
-
-
-def _quantized_logits(index: GraphIndex, node: onnx.NodeProto) -> dict:
-    """An integer head's output quantization, as Head fields (none for a float head)."""
-    layout = INTEGER_LAYOUTS.get(node.op_type)
-    if layout is None or len(node.input) <= layout.output_scale:
-        return {}
-    if not node.input[layout.output_scale]:
-        return {}
-    scale = numpy_helper.to_array(index.constant_tensor(node.input[layout.output_scale]))
-    has_zero = len(node.input) > layout.output_zero_point
-    zero_name = node.input[layout.output_zero_point] if has_zero else ""
-    zero = numpy_helper.to_array(index.constant_tensor(zero_name)) if zero_name else np.zeros(1)
-    return {
-        "logits_dequantization": (float(scale.reshape(())), int(zero.reshape(-1)[0])),
-        "logits_dtype": _constant_dtype(index, zero_name, np.uint8),
-    }
-
-
-def run_time_quantization(layer: Layer) -> tuple[str, ...]:
-    """The tensors holding the scale and zero point of an input quantized at run time."""
-    names = layer.input_dequantization or ()
-    return tuple(names) if names and isinstance(names[0], str) else ()
-
-
-def dequantized(
-    values: np.ndarray,
-    dequantization: tuple[float, int] | tuple[str, str] | None,
-    tapped: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """`(values - zero_point) * scale` of an integer tensor, in float32, the scale and
-    zero point given or, by name, among the `tapped` tensors; float values as they are."""
-    if dequantization is None:
-        return values
-    scale, zero = dequantization
-    if isinstance(scale, str):  # quantized at run time: this batch's scale and zero point
-        scale, zero = float(tapped[scale]), int(tapped[zero])
-    return (values.astype(np.float32) - np.float32(zero)) * np.float32(scale)

@@ -19,7 +19,8 @@ from .modelio import LoadedModel, load_model
 from .options import ForgetOptions
 from .outputs import MODEL_OUTPUT, REPORT_OUTPUT, check_outputs
 from .runtime import Runner, open_runner
-from .samples import SampleSet, open_samples, select_samples
+from .samples import SampleSet, open_samples
+from .selection import select_samples
 from .signature import Signature, read_signature
 from .taps import add_taps
 

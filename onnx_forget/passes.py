@@ -12,7 +12,8 @@ import numpy as np
 from .errors import InputError
 from .gram import StatisticsCollector, statistic_layers
 from .gram_file import ClassStatistics, load_statistics, statistic_id
-from .layer_scan import Head, dequantized
+from .integer_layers import dequantized
+from .layer_scan import Head
 from .opened import OpenedModel
 from .progress import progress_bar
 from .runtime import Runner

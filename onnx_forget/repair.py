@@ -19,7 +19,8 @@ import onnx
 import scipy.linalg
 
 from .errors import UnsupportedModelError
-from .layer_scan import OUT_IN, Head, dequantized, run_time_quantization
+from .integer_layers import dequantized, run_time_quantization
+from .layer_scan import OUT_IN, Head
 from .rewrite import WEIGHT_INPUT, WeightEditor, bias_of
 from .taps import add_taps
 
@@ -113,7 +114,7 @@ def repair_head(
     targets[forgotten] = forget_targets(targets[forgotten], classes)
     system = HeadSystem(head.layer.input_size, count, head.bias is not None)
     done = 0
-    names = [head.layer.input, *run_time_quantization(head.layer)]
+    names = [head.layer.input, *run_time_quantization(head.layer.input_dequantization)]
     for batch, values in runner.run(fit.samples.load, fit.indices, names):
         tapped = dict(zip(names, values))
         features = dequantized(tapped[head.layer.input], head.layer.input_dequantization, tapped)

@@ -7,7 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .layer_scan import Layer, run_time_quantization
+from .integer_layers import run_time_quantization
+from .layer_scan import Layer
 
 
 def add_taps(
@@ -28,7 +29,8 @@ def add_taps(
         graph.outputs = [tensors[scores_name]]
         wanted = [(layer.input, layer.input_dtype) for layer in layers] + list(also)
         for layer in layers:  # the scale and zero point of an input quantized at run time
-            wanted += zip(run_time_quantization(layer), (np.float32, layer.input_dtype))
+            names = run_time_quantization(layer.input_dequantization)
+            wanted += zip(names, (np.float32, layer.input_dtype))
         for name, dtype in wanted:
             tap = tensors[name]
             if tap not in graph.outputs:

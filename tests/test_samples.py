@@ -14,7 +14,8 @@ from PIL import Image
 
 from onnx_forget.errors import InputError
 from onnx_forget.options import Preprocessing
-from onnx_forget.samples import open_samples, select_samples
+from onnx_forget.samples import open_samples
+from onnx_forget.selection import select_samples
 from onnx_forget.signature import Signature, read_signature
 from tests import models
 from tests.helpers import MODEL, SAMPLES, run_model
