@@ -157,7 +157,15 @@ def finish(
             timings=timer.seconds,
             confusion=where,
             membership=membership,
-            notes=[note for note in (method.note, _still_predicted(opened, comparisons)) if note],
+            notes=[
+                note
+                for note in (
+                    _coverage(opened, measured),
+                    method.note,
+                    _still_predicted(opened, comparisons),
+                )
+                if note
+            ],
             tuning=tuning,
         )
         if report_path is not None:
@@ -196,6 +204,21 @@ def compare(
             for name, member, held in (("before", fit.scores, before), ("after", after_fit, after))
         }
     return comparisons, where, membership
+
+
+def _coverage(opened: OpenedModel, measured: SamplePass) -> str | None:
+    """Say plainly when the samples leave classes of the model out: the projection keeps
+    what the samples show, and of the other classes only what it happens not to remove."""
+    count = opened.signature.class_count
+    if measured.fit is None or not count:
+        return None
+    covered = len(np.unique(measured.fit.labels))
+    if covered >= count:
+        return None
+    return (
+        f"samples cover {covered} of {count} classes; the other {count - covered} are "
+        "protected only by the projection's restraint"
+    )
 
 
 def _still_predicted(opened: OpenedModel, comparisons: list[Comparison]) -> str | None:

@@ -36,6 +36,7 @@ METHODS = ("head-repair", "paper")
 DEFAULT_METHOD = METHODS[0]
 LAYOUTS = ("nchw", "nhwc")
 DEFAULT_SCALE = 1.0 / 255.0
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 # Where a field's command-line option appears: the groups of commands that take it.
 FORGETTING = "forgetting"  # forget only
@@ -69,6 +70,15 @@ class Preprocessing:
     layout: str | None = option(  # None: read from the model's input shape
         None, "Image layout [default: the model's].", RUNNING, choices=LAYOUTS
     )
+    # As torchvision and timm evaluate: shorter side to `resize`, then the centre square of
+    # `crop`; what is left is stretched to the model's input size (all of it, by default).
+    resize: int | None = option(
+        None, "Resize images so their shorter side is N pixels first.", RUNNING, minimum=1
+    )
+    crop: int | None = option(None, "Then cut the centre N x N square.", RUNNING, minimum=1)
+    interpolation: str = option(
+        "bilinear", "How images are resampled.", RUNNING, choices=INTERPOLATIONS
+    )
 
     def __post_init__(self):
         if self.layout is not None and self.layout not in LAYOUTS:
@@ -77,6 +87,15 @@ class Preprocessing:
             )
         if self.std is not None and any(s == 0 for s in self.std):
             raise InputError("std values must be non-zero", ("std",))
+        for name in ("resize", "crop"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1 pixel", (name,))
+        if self.interpolation not in INTERPOLATIONS:
+            raise InputError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"not {self.interpolation!r}",
+                ("interpolation",),
+            )
 
 
 @dataclass(frozen=True)

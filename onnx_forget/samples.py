@@ -28,6 +28,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 ARRAY_SUFFIX = ".npy"
 IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # What zipfile and zlib raise on a corrupt, encrypted or oddly compressed archive.
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error)
 # Folder names taken as class indices must fit the int64 labels with room to spare.
@@ -97,6 +98,30 @@ class ImageFormat:
     preprocessing: Preprocessing
     flat_shape: tuple[int, ...] | None = None
 
+    def _fitted(self, image: Image.Image, path: Path) -> Image.Image:
+        """The image at the model's input size: its shorter side resized and its centre
+        cut first when asked (torchvision's `Resize` then `CenterCrop`), then stretched."""
+        method = RESAMPLING[self.preprocessing.interpolation]
+        resize, crop = self.preprocessing.resize, self.preprocessing.crop
+        if resize is not None:
+            width, height = image.size
+            short, long = sorted((width, height))
+            longer = max(1, int(resize * long / short))
+            image = image.resize((resize, longer) if width <= height else (longer, resize), method)
+        if crop is not None:
+            width, height = image.size
+            if crop > min(width, height):
+                raise InputError(
+                    f"{path}: {width} x {height} pixels, smaller than the crop of {crop}; "
+                    "resize it first (resize) or crop less",
+                    ("crop",),
+                )
+            left, top = round((width - crop) / 2), round((height - crop) / 2)
+            image = image.crop((left, top, left + crop, top + crop))
+        if self.size is not None and image.size != self.size:
+            image = image.resize(self.size, method)
+        return image
+
     def decode(self, path: Path) -> np.ndarray:
         """Decode with the accepted formats only; Pillow's pixel limit is an error here,
         not the warning it is below twice the limit."""
@@ -105,9 +130,7 @@ class ImageFormat:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path, formats=IMAGE_FORMATS) as image:
                     image = image.convert(IMAGE_MODES[self.channels])
-                    if self.size is not None and image.size != self.size:
-                        image = image.resize(self.size, Image.Resampling.BILINEAR)
-                    pixels = np.asarray(image, dtype=np.float32)
+                    pixels = np.asarray(self._fitted(image, path), dtype=np.float32)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise InputError(
                 f"{path}: refused as a possible decompression bomb ({error}); "

@@ -218,3 +218,13 @@ def test_integer_layer_biases_keep_their_float_values_where_weight_scales_grew(t
         assert np.array_equal(new[bias][~changed], old[bias][~changed])
         grown += int(np.count_nonzero(changed))
     assert grown > 0  # this run grows some scales: the check above had work to do
+
+
+def test_samples_that_leave_classes_out_are_said_to(tmp_path):
+    """Retain samples of 3 of the 10 classes: the report says how many are covered."""
+    with np.load(HELD_OUT) as held_out:
+        x, y = held_out["x"], held_out["y"]
+    few = np.isin(y, (1, 3, 7))
+    output = tmp_path / "out.onnx"
+    result = onnx_forget.forget(FIXTURES / "mnist_cnn.onnx", 3, (x[few], y[few]), output=output)
+    assert "samples cover 3 of 10 classes; the other 7" in result.report.notes[0]

@@ -12,13 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+import onnx_forget
 from onnx_forget.errors import InputError
 from onnx_forget.options import Preprocessing
 from onnx_forget.samples import open_samples
 from onnx_forget.selection import select_samples
 from onnx_forget.signature import Signature, read_signature
 from tests import models
-from tests.helpers import MODEL, SAMPLES, run_model
+from tests.helpers import FIXTURES, MODEL, SAMPLES, run_model
 
 # The tiny image models: [N, 3, HEIGHT, WIDTH] (or NHWC), unequal sides to catch swaps.
 HEIGHT, WIDTH = 20, 16
@@ -317,3 +318,44 @@ def test_select_samples_is_deterministic_per_seed():
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not np.array_equal(first[0], other[0])
     assert not np.array_equal(first[1], other[1])
+
+
+def test_resize_then_centre_crop_as_torchvision_evaluates(tmp_path):
+    """`resize` sets the shorter side, `crop` cuts the centre square: the same pixels as
+    the steps done by hand with Pillow (torchvision's Resize, then CenterCrop)."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, size=(200, 300, 3), dtype=np.uint8))
+    (tmp_path / "0").mkdir()
+    photo.save(tmp_path / "0" / "photo.png")
+    signature = Signature("x", (None, 3, 64, 64), np.dtype(np.float32), "scores", 2)
+    for interpolation, method in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+        preprocessing = Preprocessing(scale=1.0, resize=80, crop=64, interpolation=interpolation)
+        loaded = open_samples(tmp_path, signature, preprocessing).load(np.array([0]))[0]
+        by_hand = photo.resize((120, 80), method).crop((28, 8, 92, 72))
+        expected = np.asarray(by_hand, dtype=np.float32).transpose(2, 0, 1)
+        assert np.array_equal(loaded, expected)
+
+
+def test_a_crop_larger_than_the_resized_image_is_refused(tmp_path):
+    (tmp_path / "0").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "0" / "small.png")
+    signature = Signature("x", (None, 3, 16, 16), np.dtype(np.float32), "scores", 2)
+    samples = open_samples(tmp_path, signature, Preprocessing(crop=32))
+    with pytest.raises(InputError, match="smaller than the crop"):
+        samples.load(np.array([0]))
+
+
+def test_imagenet_folder_names_map_through_a_real_class_file():
+    """WordNet-id folders (`n02124075`) map through the 1,000-line ImageNet class file to
+    the indices a real pretrained classifier predicts."""
+    evaluation = onnx_forget.evaluate(
+        FIXTURES / "imagenet_efficientnet_lite0.onnx",
+        FIXTURES / "imagenet_photos" / "heldout",
+        class_names=FIXTURES / "imagenet_classes.txt",
+        preprocessing=Preprocessing(scale=1.0, mean=(127.0,) * 3, std=(128.0,) * 3),
+        device="cpu",
+    )
+    # Egyptian cat, moped, palace, suit, tripod, espresso, daisy
+    assert sorted(evaluation.accuracy.per_class) == [285, 665, 698, 834, 872, 967, 985]
+    assert evaluation.accuracy.per_class[285] == 100.0  # the cat photo, every crop
+    assert evaluation.accuracy.retain > 80.0
