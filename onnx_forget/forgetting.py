@@ -138,14 +138,11 @@ def finish(
                     needs_external_data(new_model, opened.loaded.has_external_data),
                     lambda staged: verify_file(staged, opened.loaded.proto),
                 )
-        method = choose_method(opened.settings, measured)
-        options = settings_dict(opened.settings)
-        options.update(alpha_r=float(alphas[0]), alpha_f=float(alphas[1]), method=method.name)
         report = Report(
             model=opened.loaded.where if opened.loaded.path else "(in memory)",
             output=str(written) if written else None,
             forgotten_classes=classes,
-            options=options,
+            options=_report_options(opened.settings, measured, alphas),
             provider=measured.provider,
             provider_note=measured.provider_note,
             layers=layer_rows(LayerScan(opened.scan.layers, ())),
@@ -157,15 +154,7 @@ def finish(
             timings=timer.seconds,
             confusion=where,
             membership=membership,
-            notes=[
-                note
-                for note in (
-                    _coverage(opened, measured),
-                    method.note,
-                    _still_predicted(opened, comparisons),
-                )
-                if note
-            ],
+            notes=_notes(opened, measured, comparisons),
             tuning=tuning,
         )
         if report_path is not None:
@@ -204,6 +193,24 @@ def compare(
             for name, member, held in (("before", fit.scores, before), ("after", after_fit, after))
         }
     return comparisons, where, membership
+
+
+def _report_options(settings: ForgetOptions, measured: SamplePass, alphas) -> dict:
+    """The options as the report shows them, with the α and the method really applied."""
+    options = settings_dict(settings)
+    method = choose_method(settings, measured).name
+    options.update(alpha_r=float(alphas[0]), alpha_f=float(alphas[1]), method=method)
+    return options
+
+
+def _notes(opened: OpenedModel, measured: SamplePass, comparisons: list[Comparison]):
+    """What a pipeline should know about the run, one sentence each."""
+    notes = (
+        _coverage(opened, measured),
+        choose_method(opened.settings, measured).note,
+        _still_predicted(opened, comparisons),
+    )
+    return [note for note in notes if note]
 
 
 def _coverage(opened: OpenedModel, measured: SamplePass) -> str | None:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import DEQUANTIZE, GraphIndex, WeightSource, pass_through_steps
+from .graph import DEQUANTIZE, GraphIndex, PassThroughStep, WeightSource, pass_through_steps
 from .layer_scan import CONV, IN_OUT, OUT_IN, Layer
 from .subspace import Projection
 
@@ -73,8 +73,8 @@ class WeightEditor:
         result is carried back through the chain and stored in the constant's own dtype,
         quantized again where the chain dequantized it. With `private`, the consumer's
         input `position` first gets its own copy; returns the copy's name then. `bias`
-        (the consumer's bias input, and the weight's output-channel axis) keeps a
-        quantized bias's scale at input scale x weight scale when weight scales grow.
+        (`bias_of` the layer) keeps a quantized bias on input scale x weight scale when
+        weight scales grow.
         """
         stored_name, copy_name = source.tensor, None
         if private:
@@ -83,10 +83,7 @@ class WeightEditor:
         tensor = self.stored(stored_name)
         stored = numpy_helper.to_array(tensor)
         steps = pass_through_steps(self.index, source)  # a copy's chain has the same steps
-        seen = stored.astype(np.float64)
-        for step in steps:
-            seen = step.forward(seen)
-        changed = change(seen)
+        changed = change(_through(stored, steps))
         for step in reversed(steps):
             changed = step.backward(changed)
         quantization = steps[0].quantization if steps else None
@@ -139,10 +136,8 @@ class WeightEditor:
 
     def seen(self, source: WeightSource) -> np.ndarray:
         """A stored constant's value as its consumer sees it, in float64."""
-        value = numpy_helper.to_array(self.stored(source.tensor)).astype(np.float64)
-        for step in pass_through_steps(self.index, source):
-            value = step.forward(value)
-        return value
+        stored = numpy_helper.to_array(self.stored(source.tensor))
+        return _through(stored, pass_through_steps(self.index, source))
 
     def _own_copy(self, consumer: str, position: int, source: str, chain: list[onnx.NodeProto]):
         """Give one consumer a private copy of a shared stored constant and of its chain."""
@@ -206,6 +201,14 @@ class WeightEditor:
         for key, value in props.items():
             self.model.metadata_props.add(key=key, value=value)
         return self.model
+
+
+def _through(stored: np.ndarray, steps: list[PassThroughStep]) -> np.ndarray:
+    """A stored constant's value after its pass-through steps, in float64."""
+    value = stored.astype(np.float64)
+    for step in steps:
+        value = step.forward(value)
+    return value
 
 
 def _clone(node: onnx.NodeProto, name: str, renamed: dict[str, str]) -> onnx.NodeProto:
