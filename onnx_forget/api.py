@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .depth import DepthChoice, choose_depth, last_layers
 from .errors import InputError
 from .forgetting import build_model, finish, head_to_refit, json_text, score_alphas
 from .gram import statistic_layers
@@ -37,6 +38,7 @@ from .opened import (
     sample_inputs,
 )
 from .options import (
+    AUTO_DEPTH,
     DEFAULT_ALPHA_F,
     DEFAULT_ALPHA_R,
     DEFAULT_BATCH_SIZE,
@@ -53,6 +55,7 @@ from .options import (
 from .outputs import REPORT_OUTPUT, OutputFiles, check_outputs
 from .passes import pass_from_statistics, pass_over_samples, tapped_pass
 from .report import Report
+from .samples import SampleSet
 from .selection import choose_from_class, split_validation
 from .timing import PhaseTimer
 
@@ -113,6 +116,7 @@ def forget(
     eval_samples: Samples | None = None,
     report: PathArgument | None = None,
     method: str = DEFAULT_METHOD,
+    depth: str | int = "all",
     alpha_r: float = DEFAULT_ALPHA_R,
     alpha_f: float = DEFAULT_ALPHA_F,
     retain_per_class: int = DEFAULT_RETAIN_PER_CLASS,
@@ -147,20 +151,51 @@ def forget(
         written = destination(opened.loaded.path, output, classes)
         others = {"the evaluation samples": eval_samples, "the statistics file": stats}
         check_run_outputs(opened, written, report, force, sample_set, others)
+        fit, validation = None, None  # only a depth search holds samples back
+        if settings.depth == AUTO_DEPTH:
+            fit, validation = _validation(opened, sample_set, eval_samples)
         if sample_set is None:
             measured = pass_from_statistics(opened, stats, classes)
         else:
-            retain, forget_indices = choose_sets(opened, sample_set, classes)
+            retain, forget_indices = choose_sets(opened, sample_set, classes, fit)
     if sample_set is not None:
         head = head_to_refit(opened)
         measured = pass_over_samples(opened, sample_set, retain, forget_indices, head, timer)
+    alphas = (alpha_r, alpha_f)
+    with timer("depth"):
+        depth = _depth_choice(opened, measured, classes, alphas, validation, timer)
     with timer("rewrite"):
-        built = build_model(opened, measured, classes, (alpha_r, alpha_f), timer)
+        built = build_model(opened, measured, classes, alphas, timer, depth.layers)
     measured = measured.without_spaces()  # evaluation needs the memory the Grams held
     run_report = finish(
-        opened, built, measured, classes, (alpha_r, alpha_f), written, eval_samples, report, timer
+        opened, built, measured, classes, alphas, written, eval_samples, report, timer, depth=depth
     )
     return ForgetResult(built.model, run_report, written)
+
+
+def _validation(opened: OpenedModel, sample_set: SampleSet | None, eval_samples):
+    """The fit indices of `sample_set` (None: all) and the validation samples with their
+    indices: `eval_samples` when given, else a seeded share of each class of the samples."""
+    if eval_samples is not None:
+        validation = opened.samples(eval_samples)
+        return None, (validation, np.arange(len(validation)))
+    if sample_set is None:
+        raise InputError("depth auto needs samples or eval_samples to validate on", ("depth",))
+    fit, held = split_validation(sample_set.labels, VALIDATION_SHARE, opened.settings.seed)
+    return fit, (sample_set, held)
+
+
+def _depth_choice(opened, measured, classes, alphas, validation, timer) -> DepthChoice:
+    """The layers to project: searched on the validation samples for `auto`, else the
+    last N or every one."""
+    depth = opened.settings.depth
+    if depth != AUTO_DEPTH:
+        return DepthChoice(last_layers(opened, depth), (), f"depth {depth} was asked for")
+
+    def build(layers):
+        return build_model(opened, measured, classes, alphas, timer, layers).model
+
+    return choose_depth(opened, build, classes, *validation)
 
 
 def tune(
@@ -175,6 +210,7 @@ def tune(
     force: bool = False,
     report: PathArgument | None = None,
     method: str = DEFAULT_METHOD,
+    depth: str | int = "all",
     retain_per_class: int = DEFAULT_RETAIN_PER_CLASS,
     forget_samples: int = DEFAULT_FORGET_SAMPLES,
     max_patches: int = DEFAULT_MAX_PATCHES,
@@ -208,30 +244,27 @@ def tune(
         check_run_outputs(
             opened, written, report, force, sample_set, {"the evaluation samples": eval_samples}
         )
-        if eval_samples is None:
-            fit, validation_indices = split_validation(
-                sample_set.labels, VALIDATION_SHARE, settings.seed
-            )
-            validation = sample_set
-        else:
-            fit, validation = np.arange(len(sample_set)), opened.samples(eval_samples)
-            validation_indices = np.arange(len(validation))
+        if settings.depth == AUTO_DEPTH:
+            raise InputError("tune searches alpha, not depth: give depth all or N", ("depth",))
+        fit, (validation, validation_indices) = _validation(opened, sample_set, eval_samples)
         retain, forget_indices = choose_sets(opened, sample_set, classes, fit)
     measured = pass_over_samples(
         opened, sample_set, retain, forget_indices, head_to_refit(opened), timer
     )
     with timer("tune"):
         points = [(r, f) for r in alpha_r_grid for f in alpha_f_grid]
+        layers = last_layers(opened, settings.depth)
         grid = score_alphas(
-            opened, measured, classes, points, validation, validation_indices, timer
+            opened, measured, classes, points, (validation, validation_indices), timer, layers
         )
     best = max(grid, key=lambda point: point["score"])
     alphas = (best["alpha_r"], best["alpha_f"])
     with timer("rewrite"):
-        built = build_model(opened, measured, classes, alphas, timer)
+        built = build_model(opened, measured, classes, alphas, timer, layers)
     measured = measured.without_spaces()
+    depth = DepthChoice(layers, (), f"depth {settings.depth} was asked for")
     run_report = finish(
-        opened, built, measured, classes, alphas, written, eval_samples, report, timer, grid
+        opened, built, measured, classes, alphas, written, eval_samples, report, timer, grid, depth
     )
     return TuneResult(ForgetResult(built.model, run_report, written), grid, best)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .layer_scan import Head, LayerScan
+from .depth import DepthChoice
+from .layer_scan import Head, Layer, LayerScan
 from .metrics import Accuracy, confusion, membership_share
 from .modelio import LoadedModel
 from .opened import OpenedModel, PathArgument, Samples
@@ -61,13 +62,16 @@ def build_model(
     classes: list[int],
     alphas: tuple[float, float],
     timer: PhaseTimer,
+    layers: tuple[Layer, ...] | None = None,
 ) -> Rewritten:
-    """The projected model, its head refitted when the method allows; the names of the
-    weight copies made for shared weights, and the quantized channels rescaled."""
+    """The model with `layers` (default: every layer) projected, its head refitted when the
+    method allows; the names of the weight copies made for shared weights, and the
+    quantized channels rescaled."""
     alpha_r, alpha_f = alphas
     metadata = provenance(opened.loaded, classes, alpha_r, alpha_f, measured.counts)
     projections = Projections(measured.spaces, alpha_r, alpha_f, lambda: timer("decompose"))
-    built = rewrite_model(opened.loaded.proto, opened.scan.layers, projections.factor, metadata)
+    layers = opened.scan.layers if layers is None else layers
+    built = rewrite_model(opened.loaded.proto, layers, projections.factor, metadata)
     if choose_method(opened.settings, measured).name != REPAIR:
         return built
     model, rescaled = repair_head(opened, built.model, measured.fit, classes)
@@ -79,16 +83,18 @@ def score_alphas(
     measured: SamplePass,
     classes: list[int],
     points: list[tuple[float, float]],
-    validation: SampleSet,
-    indices: np.ndarray,
+    validation: tuple[SampleSet, np.ndarray],
     timer: PhaseTimer,
+    layers: tuple[Layer, ...],
 ) -> list[dict]:
-    """Each (α_r, α_f) of `points` built in memory and scored on the validation samples
-    by `retain_acc * (100 - forget_acc)`, the paper's criterion."""
+    """Each (α_r, α_f) of `points` built in memory on `layers` and scored on the
+    validation samples by `retain_acc * (100 - forget_acc)`, the paper's criterion."""
+    validation, indices = validation
     labels = validation.labels[indices]
     grid = []
     for alpha_r, alpha_f in points:
-        candidate = build_model(opened, measured, classes, (alpha_r, alpha_f), timer).model
+        alphas = (alpha_r, alpha_f)
+        candidate = build_model(opened, measured, classes, alphas, timer, layers).model
         scores = opened.scores(opened.runner(candidate), validation, indices)
         accuracy = Accuracy.of(labels, np.argmax(scores, axis=1), classes)
         grid.append(
@@ -120,6 +126,7 @@ def finish(
     report_path: PathArgument | None,
     timer: PhaseTimer,
     tuning: list[dict] | None = None,
+    depth: DepthChoice | None = None,
 ) -> Report:
     """Evaluate the `built` model and its weight copies, then stage and verify the model
     and the report and rename both into place. Evaluating first means a bad evaluation
@@ -145,7 +152,7 @@ def finish(
             options=_report_options(opened.settings, measured, alphas),
             provider=measured.provider,
             provider_note=measured.provider_note,
-            layers=layer_rows(LayerScan(opened.scan.layers, ())),
+            layers=layer_rows(LayerScan(depth.layers if depth else opened.scan.layers, ())),
             skipped_layers=layer_rows(LayerScan((), opened.scan.skipped)),
             copied_weights=copies,
             rescaled_channels=rescaled_channels,
@@ -156,6 +163,7 @@ def finish(
             membership=membership,
             notes=_notes(opened, measured, comparisons),
             tuning=tuning,
+            depth=depth.to_dict(len(opened.scan.layers)) if depth else None,
         )
         if report_path is not None:
             files.add_text(Path(report_path), json_text(report.to_dict()))

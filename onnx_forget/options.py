@@ -35,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("head-repair", "paper")
 DEFAULT_METHOD = METHODS[0]
 LAYOUTS = ("nchw", "nhwc")
+ALL_LAYERS, AUTO_DEPTH = "all", "auto"  # the depth options that are no number of layers
 DEFAULT_SCALE = 1.0 / 255.0
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -135,6 +136,12 @@ class ForgetOptions:
         FORGETTING,
         choices=METHODS,
     )
+    depth: str | int = option(
+        ALL_LAYERS,
+        "Layers to project, counted from the head: all; N; or auto, the deepest set that "
+        "keeps 99% of the kept classes' top-1 on validation samples.",
+        FORGETTING,
+    )
     max_model_bytes: int = option(
         DEFAULT_MAX_MODEL_BYTES,
         "Refuse a larger model (external data included).",
@@ -149,6 +156,7 @@ class ForgetOptions:
     )
 
     def __post_init__(self):
+        object.__setattr__(self, "depth", _depth(self.depth))
         for name in ("alpha_r", "alpha_f"):
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive", (name,))
@@ -176,6 +184,16 @@ class ForgetOptions:
     def among(cls, values: Mapping[str, object]) -> ForgetOptions:
         """The options among a function's keyword values (its `locals()`)."""
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+def _depth(value: str | int) -> str | int:
+    """`all`, `auto`, or a positive number of layers."""
+    text = str(value).strip().lower()
+    if text in (ALL_LAYERS, AUTO_DEPTH):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise InputError(f"depth must be all, auto or a number of layers, not {value!r}", ("depth",))
 
 
 def option_fields(group: str) -> list[dataclasses.Field]:

@@ -41,6 +41,7 @@ class Report:
     membership: dict[str, float] | None = None  # attack's member share, before and after
     notes: list[str] = field(default_factory=list)  # what the run could not do, and why
     tuning: list[dict] | None = None  # the α grid of a search: one dict per point
+    depth: dict | None = None  # layers projected of all, each depth tried, why it stopped
 
     def to_dict(self) -> dict:
         return {
@@ -60,6 +61,7 @@ class Report:
             "confusion": self.confusion,
             "membership": self.membership,
             "notes": self.notes,
+            "depth": self.depth,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             **({"tuning": {"grid": self.tuning}} if self.tuning is not None else {}),
         }
@@ -87,6 +89,7 @@ class Report:
             ),
             f"provider   {self.provider}"
             + (f" ({self.provider_note})" if self.provider_note else ""),
+            *([f"depth      {_depth_line(self.depth)}"] if self.depth else []),
             *(f"note       {note}" for note in self.notes),
         ]
         for comparison in self.comparisons:
@@ -102,6 +105,13 @@ class Report:
         phases = "  ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
         lines += ["", f"time       {phases}"]
         return "\n".join(lines)
+
+
+def _depth_line(depth: dict) -> str:
+    """How many layers were projected, and for a searched depth what each depth kept."""
+    line = f"{depth['projected']} of {depth['of']} layers projected ({depth['stopped']})"
+    tried = ", ".join(f"{t['depth']}: {t['agreement']:.1f}%" for t in depth["trials"])
+    return line + (f"; kept-class agreement by depth {tried}" if tried else "")
 
 
 def _comparison_dict(comparison: Comparison) -> dict:
