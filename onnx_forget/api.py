@@ -162,8 +162,7 @@ def forget(
         head = head_to_refit(opened)
         measured = pass_over_samples(opened, sample_set, retain, forget_indices, head, timer)
     alphas = (alpha_r, alpha_f)
-    with timer("depth"):
-        depth = _depth_choice(opened, measured, classes, alphas, validation, timer)
+    depth = _depth_choice(opened, measured, classes, alphas, validation, timer)
     with timer("rewrite"):
         built = build_model(opened, measured, classes, alphas, timer, depth.layers)
     measured = measured.without_spaces()  # evaluation needs the memory the Grams held
@@ -190,12 +189,13 @@ def _depth_choice(opened, measured, classes, alphas, validation, timer) -> Depth
     last N or every one."""
     depth = opened.settings.depth
     if depth != AUTO_DEPTH:
-        return DepthChoice(last_layers(opened, depth), (), f"depth {depth} was asked for")
+        return DepthChoice(last_layers(opened, depth), (), f"depth {depth}, as asked")
 
     def build(layers):
         return build_model(opened, measured, classes, alphas, timer, layers).model
 
-    return choose_depth(opened, build, classes, *validation)
+    with timer("depth"):
+        return choose_depth(opened, build, classes, *validation)
 
 
 def tune(
@@ -262,7 +262,7 @@ def tune(
     with timer("rewrite"):
         built = build_model(opened, measured, classes, alphas, timer, layers)
     measured = measured.without_spaces()
-    depth = DepthChoice(layers, (), f"depth {settings.depth} was asked for")
+    depth = DepthChoice(layers, (), f"depth {settings.depth}, as asked")
     run_report = finish(
         opened, built, measured, classes, alphas, written, eval_samples, report, timer, grid, depth
     )

@@ -89,7 +89,7 @@ class Report:
             ),
             f"provider   {self.provider}"
             + (f" ({self.provider_note})" if self.provider_note else ""),
-            *([f"depth      {_depth_line(self.depth)}"] if self.depth else []),
+            *([f"depth      {_depth_line(self.depth)}"] if _partial(self.depth) else []),
             *(f"note       {note}" for note in self.notes),
         ]
         for comparison in self.comparisons:
@@ -105,6 +105,11 @@ class Report:
         phases = "  ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
         lines += ["", f"time       {phases}"]
         return "\n".join(lines)
+
+
+def _partial(depth: dict | None) -> bool:
+    """Whether the depth is worth a line: searched, or fewer layers than all projected."""
+    return bool(depth) and (bool(depth["trials"]) or depth["projected"] < depth["of"])
 
 
 def _depth_line(depth: dict) -> str:
