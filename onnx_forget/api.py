@@ -17,9 +17,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .depth import DepthChoice, choose_depth, last_layers
+from .depth import DepthChoice, last_layers
 from .errors import InputError
-from .forgetting import build_model, finish, head_to_refit, json_text, score_alphas
+from .forgetting import (
+    build_model,
+    choose_layers,
+    finish,
+    head_to_refit,
+    json_text,
+    score_alphas,
+)
 from .gram import statistic_layers
 from .gram_file import ClassStatistics, load_statistics, merge_statistics, statistic_id
 from .layer_scan import LayerScan, scan_layers
@@ -36,6 +43,7 @@ from .opened import (
     given_paths,
     optional_path,
     sample_inputs,
+    validation_split,
 )
 from .options import (
     AUTO_DEPTH,
@@ -55,14 +63,12 @@ from .options import (
 from .outputs import REPORT_OUTPUT, OutputFiles, check_outputs
 from .passes import pass_from_statistics, pass_over_samples, tapped_pass
 from .report import Report
-from .samples import SampleSet
-from .selection import choose_from_class, split_validation
+from .selection import choose_from_class
 from .timing import PhaseTimer
 
 # docs/method.md: the grid the paper searched, scored by retain_acc * (100 - forget_acc).
 ALPHA_R_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0)
 ALPHA_F_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
-VALIDATION_SHARE = 0.2  # of each class's samples, held back by `tune` without eval_samples
 ModelArgument = str | os.PathLike | onnx.ModelProto
 ClassNames = Sequence[str] | str | os.PathLike | None
 
@@ -153,7 +159,7 @@ def forget(
         check_run_outputs(opened, written, report, force, sample_set, others)
         fit, validation = None, None  # only a depth search holds samples back
         if settings.depth == AUTO_DEPTH:
-            fit, validation = _validation(opened, sample_set, eval_samples)
+            fit, validation = validation_split(opened, sample_set, eval_samples)
         if sample_set is None:
             measured = pass_from_statistics(opened, stats, classes)
         else:
@@ -162,7 +168,7 @@ def forget(
         head = head_to_refit(opened)
         measured = pass_over_samples(opened, sample_set, retain, forget_indices, head, timer)
     alphas = (alpha_r, alpha_f)
-    depth = _depth_choice(opened, measured, classes, alphas, validation, timer)
+    depth = choose_layers(opened, measured, classes, alphas, validation, timer)
     with timer("rewrite"):
         built = build_model(opened, measured, classes, alphas, timer, depth.layers)
     measured = measured.without_spaces()  # evaluation needs the memory the Grams held
@@ -170,32 +176,6 @@ def forget(
         opened, built, measured, classes, alphas, written, eval_samples, report, timer, depth=depth
     )
     return ForgetResult(built.model, run_report, written)
-
-
-def _validation(opened: OpenedModel, sample_set: SampleSet | None, eval_samples):
-    """The fit indices of `sample_set` (None: all) and the validation samples with their
-    indices: `eval_samples` when given, else a seeded share of each class of the samples."""
-    if eval_samples is not None:
-        validation = opened.samples(eval_samples)
-        return None, (validation, np.arange(len(validation)))
-    if sample_set is None:
-        raise InputError("depth auto needs samples or eval_samples to validate on", ("depth",))
-    fit, held = split_validation(sample_set.labels, VALIDATION_SHARE, opened.settings.seed)
-    return fit, (sample_set, held)
-
-
-def _depth_choice(opened, measured, classes, alphas, validation, timer) -> DepthChoice:
-    """The layers to project: searched on the validation samples for `auto`, else the
-    last N or every one."""
-    depth = opened.settings.depth
-    if depth != AUTO_DEPTH:
-        return DepthChoice(last_layers(opened, depth), (), f"depth {depth}, as asked")
-
-    def build(layers):
-        return build_model(opened, measured, classes, alphas, timer, layers).model
-
-    with timer("depth"):
-        return choose_depth(opened, build, classes, *validation)
 
 
 def tune(
@@ -246,7 +226,7 @@ def tune(
         )
         if settings.depth == AUTO_DEPTH:
             raise InputError("tune searches alpha, not depth: give depth all or N", ("depth",))
-        fit, (validation, validation_indices) = _validation(opened, sample_set, eval_samples)
+        fit, (validation, validation_indices) = validation_split(opened, sample_set, eval_samples)
         retain, forget_indices = choose_sets(opened, sample_set, classes, fit)
     measured = pass_over_samples(
         opened, sample_set, retain, forget_indices, head_to_refit(opened), timer

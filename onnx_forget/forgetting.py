@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .depth import DepthChoice
+from .depth import DepthChoice, choose_depth, last_layers
 from .layer_scan import Head, Layer, LayerScan
 from .metrics import Accuracy, confusion, membership_share
 from .modelio import LoadedModel
 from .opened import OpenedModel, PathArgument, Samples
-from .options import METHODS, ForgetOptions
+from .options import AUTO_DEPTH, METHODS, ForgetOptions
 from .outputs import OutputFiles, needs_external_data
 from .passes import SamplePass
 from .repair import repair_head
@@ -302,3 +302,17 @@ def settings_dict(settings: ForgetOptions) -> dict:
 def json_text(document: dict) -> str:
     """A report as the JSON text written to `--report` files."""
     return json.dumps(document, indent=2) + "\n"
+
+
+def choose_layers(opened, measured, classes, alphas, validation, timer) -> DepthChoice:
+    """The layers to project: searched on the validation samples for `auto`, else the
+    last N or every one."""
+    depth = opened.settings.depth
+    if depth != AUTO_DEPTH:
+        return DepthChoice(last_layers(opened, depth), (), f"depth {depth}, as asked")
+
+    def build(layers):
+        return build_model(opened, measured, classes, alphas, timer, layers).model
+
+    with timer("depth"):
+        return choose_depth(opened, build, classes, *validation)

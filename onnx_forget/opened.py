@@ -20,13 +20,14 @@ from .options import ForgetOptions
 from .outputs import MODEL_OUTPUT, REPORT_OUTPUT, check_outputs
 from .runtime import Runner, open_runner
 from .samples import SampleSet, open_samples
-from .selection import select_samples
+from .selection import select_samples, split_validation
 from .signature import Signature, read_signature
 from .taps import add_taps
 
 # What the public functions take as samples: a folder or `.npz` path, or `(x, y)` arrays.
 Samples = str | os.PathLike | tuple[np.ndarray, np.ndarray]
 PathArgument = str | os.PathLike
+VALIDATION_SHARE = 0.2  # of each class's samples, held back to validate on without eval ones
 
 
 @dataclass(frozen=True)
@@ -208,3 +209,15 @@ def choose_sets(
     if not len(retain):
         raise InputError("no samples of a class to keep: cannot forget every class")
     return among[retain], among[forget]
+
+
+def validation_split(opened: OpenedModel, sample_set: SampleSet | None, eval_samples):
+    """The fit indices of `sample_set` (None: all) and the validation samples with their
+    indices: `eval_samples` when given, else a seeded share of each class of the samples."""
+    if eval_samples is not None:
+        validation = opened.samples(eval_samples)
+        return None, (validation, np.arange(len(validation)))
+    if sample_set is None:
+        raise InputError("depth auto needs samples or eval_samples to validate on", ("depth",))
+    fit, held = split_validation(sample_set.labels, VALIDATION_SHARE, opened.settings.seed)
+    return fit, (sample_set, held)
