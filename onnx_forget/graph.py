@@ -117,6 +117,11 @@ class GraphIndex:
             return "weight is block-quantized"
         return None
 
+    def producer_node(self, name: str) -> onnx.NodeProto | None:
+        """The node writing tensor `name`; None for graph inputs and constants."""
+        index = self.producer.get(name)
+        return None if index is None else self.graph.node[index]
+
     def is_dequantized(self, source: WeightSource) -> bool:
         """Whether the stored weight is integers that a DequantizeLinear, or the layer
         itself, turns into floats."""

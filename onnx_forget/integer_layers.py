@@ -71,8 +71,7 @@ def dynamic_layer(index: GraphIndex, node: onnx.NodeProto, source: WeightSource)
     """A dynamically quantized layer's weight, dequantized with the scale its output is
     multiplied by, and the run-time tensors holding its input's scale and zero point; or
     why it cannot be projected."""
-    producer = index.producer.get(node.input[0])
-    quantizer = index.graph.node[producer] if producer is not None else None
+    quantizer = index.producer_node(node.input[0])
     if quantizer is None or quantizer.op_type != DYNAMIC_QUANTIZE:
         return "its input is not quantized by a DynamicQuantizeLinear"
     if source.chain:
@@ -95,8 +94,7 @@ def _output_weight_scale(index: GraphIndex, node: onnx.NodeProto, input_scale: s
     if multiply is None:
         return None
     for name in multiply.input:
-        producer = index.producer.get(name)
-        product = index.graph.node[producer] if producer is not None else None
+        product = index.producer_node(name)
         if product is not None and product.op_type == "Mul" and input_scale in product.input:
             others = [n for n in product.input if n != input_scale]
             if len(others) == 1 and index.constant_tensor(others[0]) is not None:

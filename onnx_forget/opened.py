@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError, UnsupportedModelError
-from .graph import DEQUANTIZE
+from .graph import DEQUANTIZE, GraphIndex
 from .layer_scan import Head, LayerScan, find_head, scan_layers
 from .metrics import class_scores
 from .modelio import LoadedModel, load_model
@@ -103,11 +103,11 @@ class OpenedModel:
     @property
     def scores_quantized(self) -> bool:
         """Whether the scores output is dequantized from a QuantizeLinear (a QDQ model)."""
-        producers = {out: node for node in self.loaded.proto.graph.node for out in node.output}
-        last = producers.get(self.signature.scores_name)
+        index = GraphIndex(self.loaded.proto.graph)
+        last = index.producer_node(self.signature.scores_name)
         if last is None or last.op_type != DEQUANTIZE:
             return False
-        before = producers.get(last.input[0])
+        before = index.producer_node(last.input[0])
         return before is not None and before.op_type == "QuantizeLinear"
 
     @property
