@@ -145,11 +145,12 @@ def finish(
                     needs_external_data(new_model, opened.loaded.has_external_data),
                     lambda staged: verify_file(staged, opened.loaded.proto),
                 )
+        method = choose_method(opened.settings, measured)
         report = Report(
             model=opened.loaded.where if opened.loaded.path else "(in memory)",
             output=str(written) if written else None,
             forgotten_classes=classes,
-            options=_report_options(opened.settings, measured, alphas),
+            options=_report_options(opened.settings, method, alphas),
             provider=measured.provider,
             provider_note=measured.provider_note,
             layers=layer_rows(LayerScan(depth.layers if depth else opened.scan.layers, ())),
@@ -161,7 +162,7 @@ def finish(
             timings=timer.seconds,
             confusion=where,
             membership=membership,
-            notes=_notes(opened, measured, comparisons),
+            notes=_notes(opened, measured, method, comparisons),
             tuning=tuning,
             depth=depth.to_dict(len(opened.scan.layers)) if depth else None,
         )
@@ -203,19 +204,18 @@ def compare(
     return comparisons, where, membership
 
 
-def _report_options(settings: ForgetOptions, measured: SamplePass, alphas) -> dict:
+def _report_options(settings: ForgetOptions, method: Method, alphas) -> dict:
     """The options as the report shows them, with the α and the method really applied."""
     options = settings_dict(settings)
-    method = choose_method(settings, measured).name
-    options.update(alpha_r=float(alphas[0]), alpha_f=float(alphas[1]), method=method)
+    options.update(alpha_r=float(alphas[0]), alpha_f=float(alphas[1]), method=method.name)
     return options
 
 
-def _notes(opened: OpenedModel, measured: SamplePass, comparisons: list[Comparison]):
+def _notes(opened: OpenedModel, measured: SamplePass, method: Method, comparisons):
     """What a pipeline should know about the run, one sentence each."""
     notes = (
         _coverage(opened, measured),
-        choose_method(opened.settings, measured).note,
+        method.note,
         _still_predicted(opened, comparisons),
     )
     return [note for note in notes if note]
