@@ -1,14 +1,18 @@
 """Forget every class of every fixture model, with the paper's method and the defaults.
 
     python benchmarks/quality.py [--models mnist_cnn,mnist_resnet] [--methods paper,head-repair]
-                                 [--classes 0,3,8] [--per-class]
+                                 [--classes 0,3,8] [--depth all|auto|N] [--per-class]
 
-For each model and method, one row: held-out retain and forget accuracy before and after
-(mean over the classes), the worst retain drop, how many classes meet the goal (forget
-<= 1 %, retain drop <= 1.5 points), the membership-inference share of the forgotten
-class's training samples before and after, and the mean time of a run. Then, for the
-classes that have one, the same membership figure for the CNN retrained from scratch
-without the class (fixtures/build.py --only cnn_without): where forgetting should land.
+Each run sees only the sample folder (a depth search validates on a split of it); both
+models are then scored on the held-out set. For each model and method, one row: held-out
+retain and forget accuracy before and after (mean over the classes), the worst retain
+drop, how many classes meet the goal (forget <= 1 %, retain drop <= 1.5 points), the
+kept classes' top-1 agreement with the original, the layers projected (fewest-most), the
+linear probe's readability of the forgotten class before and after, the
+membership-inference share of the forgotten class's training samples before and after,
+and the mean time of a run. Then, for the classes that have one, the membership and probe
+figures of the CNN retrained from scratch without the class (fixtures/build.py --only
+cnn_without): where forgetting should land.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import onnx
 
 import onnx_forget
-from onnx_forget.options import METHODS
+from onnx_forget.options import METHODS, ForgetOptions
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SAMPLES = FIXTURES / "mnist_samples"
@@ -49,48 +53,66 @@ FORGET_GOAL = 1.0  # the goal: forget accuracy at most 1 % ...
 RETAIN_DROP_GOAL = 1.5  # ... and retain accuracy within 1.5 points of the original
 
 
-def run(model: onnx.ModelProto, held_out: Path, method: str, forgotten: int) -> dict:
-    """One forget run in memory (nothing written); its held-out figures and time."""
+def run(model: onnx.ModelProto, held_out: Path, method: str, depth: str, forgotten: int) -> dict:
+    """One forget run in memory (nothing written), then both models on the held-out set.
+
+    The run sees only the sample folder, so a depth search validates on a split of it and
+    never on the held-out figures reported here.
+    """
     start = time.perf_counter()
-    result = onnx_forget.forget(model, forgotten, SAMPLES, eval_samples=held_out, method=method)
+    result = onnx_forget.forget(model, forgotten, SAMPLES, method=method, depth=depth)
     seconds = time.perf_counter() - start
-    comparison = result.report.comparisons[1]
+    after = onnx_forget.evaluate(
+        result.model, held_out, reference=model, forget_classes=[forgotten], members=SAMPLES
+    )
+    before = onnx_forget.evaluate(model, held_out, forget_classes=[forgotten])
     return {
-        "retain_before": comparison.before.retain,
-        "retain_after": comparison.after.retain,
-        "forget_before": comparison.before.forget,
-        "forget_after": comparison.after.forget,
-        "mia_before": result.report.membership["before"],
-        "mia_after": result.report.membership["after"],
+        "retain_before": before.accuracy.retain,
+        "retain_after": after.accuracy.retain,
+        "forget_before": before.accuracy.forget,
+        "forget_after": after.accuracy.forget,
+        "agreement": after.agreement,
+        "probe_before": after.probe["reference"].forgotten,
+        "probe_after": after.probe["model"].forgotten,
+        "mia_before": after.membership["reference"],
+        "mia_after": after.membership["model"],
+        "depth": result.report.depth["projected"] if result.report.depth else None,
         "seconds": seconds,
     }
 
 
-def reference_membership(forgotten: int) -> float:
-    """The membership share of class `forgotten`'s training samples for the CNN retrained
-    without it, measured like the runs' (same samples, same held-out set)."""
+def retrained(forgotten: int) -> dict:
+    """The membership share of class `forgotten`'s training samples and the probe's
+    readability of the class for the CNN retrained without it, measured like the runs'
+    (same samples, same held-out set)."""
     evaluation = onnx_forget.evaluate(
         REFERENCES[forgotten],
         FIXTURES / "mnist_heldout.npz",
         forget_classes=[forgotten],
         members=SAMPLES,
     )
-    return evaluation.membership["model"]
+    return {
+        "mia_after": evaluation.membership["model"],
+        "probe_after": evaluation.probe["model"].forgotten,
+    }
 
 
-def print_references(cnn_membership: dict[str, dict[int, float]]) -> None:
-    """The CNN's membership share after forgetting, beside the retrained reference's."""
-    methods = list(cnn_membership)
+def print_references(cnn_rows: dict[str, dict[int, dict]]) -> None:
+    """The CNN's membership share and probe readability after forgetting, beside the
+    retrained reference's."""
+    methods = list(cnn_rows)
     built = [c for c in REFERENCES if REFERENCES[c].is_file()]
-    built = [c for c in built if all(c in cnn_membership[m] for m in methods)]
+    built = [c for c in built if all(c in cnn_rows[m] for m in methods)]
     if not built:
         return
-    print("\nmembership share of the forgotten class's training samples, mnist_cnn:")
-    print(f"{'class':>5} {'retrained without it':>21}" + "".join(f" {m:>12}" for m in methods))
+    columns = ["retrained without it", *methods]
+    print("\nmnist_cnn, the forgotten class: membership share % / probe readability %")
+    print(f"{'class':>5}" + "".join(f" {c:>21}" for c in columns))
     for forgotten in built:
+        rows = [retrained(forgotten), *(cnn_rows[m][forgotten] for m in methods)]
         print(
-            f"{forgotten:>5} {reference_membership(forgotten):>21.1f}"
-            + "".join(f" {cnn_membership[m][forgotten]:>12.1f}" for m in methods)
+            f"{forgotten:>5}"
+            + "".join(f" {r['mia_after']:>10.1f} /{r['probe_after']:>9.1f}" for r in rows)
         )
 
 
@@ -99,6 +121,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default="paper," + METHODS[0])
     parser.add_argument("--classes", default=",".join(map(str, range(10))))
+    parser.add_argument("--depth", default=ForgetOptions().depth, help="all, auto or N")
     parser.add_argument("--per-class", action="store_true", help="print every run too")
     args = parser.parse_args()
     classes = [int(c) for c in args.classes.split(",")]
@@ -108,10 +131,10 @@ def main() -> None:
     )
     header = (
         f"{'model':<27} {'method':<12} {'retain':>13} {'forget':>12} {'worst drop':>10} "
-        f"{'goal met':>8} {'MIA':>13} {'time':>6}"
+        f"{'goal met':>8} {'agree':>5} {'depth':>5} {'probe':>13} {'MIA':>13} {'time':>6}"
     )
     print(header)
-    cnn_membership: dict[str, dict[int, float]] = {}
+    cnn_rows: dict[str, dict[int, dict]] = {}
     for name in args.models.split(","):
         model_file, held_out_file = MODELS[name]
         if not (FIXTURES / model_file).is_file():
@@ -121,30 +144,36 @@ def main() -> None:
         for method in args.methods.split(","):
             rows = []
             for forgotten in classes:
-                row = run(model, FIXTURES / held_out_file, method, forgotten)
+                row = run(model, FIXTURES / held_out_file, method, args.depth, forgotten)
                 rows.append(row)
                 if name == "mnist_cnn":
-                    cnn_membership.setdefault(method, {})[forgotten] = row["mia_after"]
+                    cnn_rows.setdefault(method, {})[forgotten] = row
                 if args.per_class:
                     print(
-                        f"  class {forgotten}: " + "  ".join(f"{k} {v:.1f}" for k, v in row.items())
+                        f"  class {forgotten}: "
+                        + "  ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "depth")
+                        + f"  depth {row['depth']}"
                     )
             drops = [r["retain_before"] - r["retain_after"] for r in rows]
             met = sum(
                 r["forget_after"] <= FORGET_GOAL and d <= RETAIN_DROP_GOAL
                 for r, d in zip(rows, drops)
             )
-            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "depth"}
+            depths = sorted({r["depth"] for r in rows if r["depth"] is not None})
+            depth = "-".join(map(str, depths[:: max(1, len(depths) - 1)])) or "all"
             print(
                 f"{name:<27} {method:<12}"
                 f" {mean['retain_before']:>5.1f} -> {mean['retain_after']:<5.1f}"
                 f" {mean['forget_before']:>4.1f} -> {mean['forget_after']:<4.1f}"
                 f" {max(drops):>10.1f} {met:>4}/{len(rows):<3}"
+                f" {mean['agreement']:>5.1f} {depth:>5}"
+                f" {mean['probe_before']:>5.1f} -> {mean['probe_after']:<5.1f}"
                 f" {mean['mia_before']:>4.1f} -> {mean['mia_after']:<4.1f}"
                 f" {mean['seconds']:>5.1f}s",
                 flush=True,
             )
-    print_references(cnn_membership)
+    print_references(cnn_rows)
 
 
 if __name__ == "__main__":

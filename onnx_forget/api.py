@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .depth import DepthChoice, last_layers
 from .errors import InputError
 from .forgetting import (
     build_model,
@@ -26,6 +25,7 @@ from .forgetting import (
     head_to_refit,
     json_text,
     score_alphas,
+    searches_depth,
 )
 from .gram import statistic_layers
 from .gram_file import ClassStatistics, load_statistics, merge_statistics, statistic_id
@@ -62,6 +62,7 @@ from .options import (
 )
 from .outputs import REPORT_OUTPUT, OutputFiles, check_outputs
 from .passes import pass_from_statistics, pass_over_samples, tapped_pass
+from .probe import Readability, readability, scores_and_features
 from .report import Report
 from .selection import choose_from_class
 from .timing import PhaseTimer
@@ -101,6 +102,8 @@ class Evaluation:
     agreement: float | None  # percent of kept-class samples with the reference's top-1
     kl_divergence: float | None  # mean KL(reference || model) on kept-class samples
     membership: dict[str, float] | None  # attack's "member" share of forgotten samples
+    # the forgotten classes' readability by a linear probe, for the model and reference
+    probe: dict[str, Readability | None] | None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,7 +125,7 @@ def forget(
     eval_samples: Samples | None = None,
     report: PathArgument | None = None,
     method: str = DEFAULT_METHOD,
-    depth: str | int = "all",
+    depth: str | int = AUTO_DEPTH,
     alpha_r: float = DEFAULT_ALPHA_R,
     alpha_f: float = DEFAULT_ALPHA_F,
     retain_per_class: int = DEFAULT_RETAIN_PER_CLASS,
@@ -158,7 +161,7 @@ def forget(
         others = {"the evaluation samples": eval_samples, "the statistics file": stats}
         check_run_outputs(opened, written, report, force, sample_set, others)
         fit, validation = None, None  # only a depth search holds samples back
-        if settings.depth == AUTO_DEPTH:
+        if searches_depth(settings):
             fit, validation = validation_split(opened, sample_set, eval_samples)
         if sample_set is None:
             measured = pass_from_statistics(opened, stats, classes)
@@ -190,7 +193,7 @@ def tune(
     force: bool = False,
     report: PathArgument | None = None,
     method: str = DEFAULT_METHOD,
-    depth: str | int = "all",
+    depth: str | int = AUTO_DEPTH,
     retain_per_class: int = DEFAULT_RETAIN_PER_CLASS,
     forget_samples: int = DEFAULT_FORGET_SAMPLES,
     max_patches: int = DEFAULT_MAX_PATCHES,
@@ -208,8 +211,9 @@ def tune(
     samples, and write the best model.
 
     Validation is `eval_samples` when given, else a seeded share of each class of
-    `samples`. The tapped model runs once over the fit samples for the statistics; each
-    grid point then factors the Gram matrices at its α, rewrites the weights, refits the
+    `samples`. The tapped model runs once over the fit samples for the statistics. Under
+    depth `auto` the depth is searched first, at the default α. Each grid point then
+    factors the Gram matrices at its α, rewrites the weights of those layers, refits the
     head (with the default method: one more run of the fit samples, through the rewritten
     model) and runs the validation samples.
     """
@@ -224,25 +228,21 @@ def tune(
         check_run_outputs(
             opened, written, report, force, sample_set, {"the evaluation samples": eval_samples}
         )
-        if settings.depth == AUTO_DEPTH:
-            raise InputError("tune searches alpha, not depth: give depth all or N", ("depth",))
-        fit, (validation, validation_indices) = validation_split(opened, sample_set, eval_samples)
+        fit, validation = validation_split(opened, sample_set, eval_samples)
         retain, forget_indices = choose_sets(opened, sample_set, classes, fit)
     measured = pass_over_samples(
         opened, sample_set, retain, forget_indices, head_to_refit(opened), timer
     )
+    default_alphas = (DEFAULT_ALPHA_R, DEFAULT_ALPHA_F)
+    depth = choose_layers(opened, measured, classes, default_alphas, validation, timer)
     with timer("tune"):
         points = [(r, f) for r in alpha_r_grid for f in alpha_f_grid]
-        layers = last_layers(opened, settings.depth)
-        grid = score_alphas(
-            opened, measured, classes, points, (validation, validation_indices), timer, layers
-        )
+        grid = score_alphas(opened, measured, classes, points, validation, timer, depth.layers)
     best = max(grid, key=lambda point: point["score"])
     alphas = (best["alpha_r"], best["alpha_f"])
     with timer("rewrite"):
-        built = build_model(opened, measured, classes, alphas, timer, layers)
+        built = build_model(opened, measured, classes, alphas, timer, depth.layers)
     measured = measured.without_spaces()
-    depth = DepthChoice(layers, (), f"depth {settings.depth}, as asked")
     run_report = finish(
         opened, built, measured, classes, alphas, written, eval_samples, report, timer, grid, depth
     )
@@ -365,7 +365,8 @@ def evaluate(
     if forget_classes is None:
         forget_classes = _recorded_classes(opened)
     classes = sorted({int(c) for c in forget_classes})
-    scores = opened.original_scores(held_out)
+    everything = np.arange(len(held_out))
+    scores, features = scores_and_features(opened, opened.loaded.proto, held_out, everything)
     predictions = np.argmax(scores, axis=1)
     result = Evaluation(
         accuracy=Accuracy.of(held_out.labels, predictions, classes),
@@ -374,13 +375,23 @@ def evaluate(
         agreement=None,
         kl_divergence=None,
         membership=None,
+        probe=None,
     )
-    held_scores = {"model": scores}
+    held_scores, held_features = {"model": scores}, {"model": features}
     if other is not None:
         kept = ~np.isin(held_out.labels, classes)
-        held_scores["reference"] = other.original_scores(held_out)
+        held_scores["reference"], held_features["reference"] = scores_and_features(
+            other, other.loaded.proto, held_out, everything
+        )
         result.agreement = agreement(scores[kept], held_scores["reference"][kept])
         result.kl_divergence = mean_kl_divergence(scores[kept], held_scores["reference"][kept])
+    probes = {
+        name: readability(values, held_out.labels, classes, settings.seed)
+        for name, values in held_features.items()
+        if values is not None
+    }
+    if any(probes.values()):
+        result.probe = probes
     if members is not None:
         member_set = opened.samples(members)
         models = {"model": opened, "reference": other}

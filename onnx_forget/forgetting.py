@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +14,13 @@ import onnx
 
 from .depth import DepthChoice, choose_depth, last_layers
 from .layer_scan import Head, Layer, LayerScan
-from .metrics import Accuracy, confusion, membership_share
+from .metrics import Accuracy, agreement, confusion, membership_share
 from .modelio import LoadedModel
 from .opened import OpenedModel, PathArgument, Samples
 from .options import AUTO_DEPTH, METHODS, ForgetOptions
 from .outputs import OutputFiles, needs_external_data
 from .passes import SamplePass
+from .probe import readability, scores_and_features
 from .repair import repair_head
 from .report import Comparison, Report, layer_rows
 from .rewrite import Rewritten, rewrite_model
@@ -133,7 +134,9 @@ def finish(
     file or a Ctrl-C while evaluating leaves no output behind."""
     new_model, copies, rescaled_channels = built
     with timer("evaluate"):
-        comparisons, where, membership = compare(opened, new_model, measured, classes, eval_samples)
+        comparisons, where, membership, probe = compare(
+            opened, new_model, measured, classes, eval_samples
+        )
     with OutputFiles() as files:
         with timer("save"):
             if written is None:
@@ -162,6 +165,7 @@ def finish(
             timings=timer.seconds,
             confusion=where,
             membership=membership,
+            probe=probe,
             notes=_notes(opened, measured, method, comparisons),
             tuning=tuning,
             depth=depth.to_dict(len(opened.scan.layers)) if depth else None,
@@ -180,28 +184,44 @@ def compare(
     eval_samples: Samples | None,
 ):
     """Before/after accuracy on the fit samples and on `eval_samples`, where the forgotten
-    samples now go, and with both sets the membership-inference share of the forgotten
-    samples."""
-    new_runner = opened.runner(new_model)
-    comparisons, where, membership = [], None, None
+    samples now go, with both sets the membership-inference share of the forgotten
+    samples, and the probe's readability of the forgotten classes on the last set."""
+    comparisons, where, membership, probe = [], None, None, None
     fit, after_fit = measured.fit, None
+    covered = measured.covered_classes
     if fit is not None:
-        after_fit = opened.scores(new_runner, fit.samples, fit.indices)
-        comparisons.append(_comparison("samples", fit.labels, fit.scores, after_fit, classes))
+        after_fit, features = scores_and_features(opened, new_model, fit.samples, fit.indices)
+        comparisons.append(
+            _comparison("samples", fit.labels, fit.scores, after_fit, classes, covered)
+        )
         where = confusion(fit.labels, np.argmax(after_fit, 1), classes)
+        probe = _probe("samples", fit.labels, fit.features, features, classes, opened)
     if eval_samples is None:
-        return comparisons, where, membership
+        return comparisons, where, membership, probe
     held_out = opened.samples(eval_samples)
-    before = opened.original_scores(held_out)
-    after = opened.scores(new_runner, held_out, np.arange(len(held_out)))
-    comparisons.append(_comparison("eval", held_out.labels, before, after, classes))
+    everything = np.arange(len(held_out))
+    before, features_before = scores_and_features(opened, opened.loaded.proto, held_out, everything)
+    after, features_after = scores_and_features(opened, new_model, held_out, everything)
+    comparisons.append(_comparison("eval", held_out.labels, before, after, classes, covered))
     where = confusion(held_out.labels, np.argmax(after, 1), classes)
+    probe = _probe("eval", held_out.labels, features_before, features_after, classes, opened)
     if fit is not None:
         membership = {
             name: membership_share(member, fit.labels, held, held_out.labels, classes)
             for name, member, held in (("before", fit.scores, before), ("after", after_fit, after))
         }
-    return comparisons, where, membership
+    return comparisons, where, membership, probe
+
+
+def _probe(name, labels, before, after, classes, opened) -> dict | None:
+    """The probe's readability of the forgotten classes on one set, before and after."""
+    if before is None or after is None:
+        return None
+    seed = opened.settings.seed
+    readable = [readability(features, labels, classes, seed) for features in (before, after)]
+    if None in readable:
+        return None
+    return {"set": name, "before": asdict(readable[0]), "after": asdict(readable[1])}
 
 
 def _report_options(settings: ForgetOptions, method: Method, alphas) -> dict:
@@ -225,10 +245,8 @@ def _coverage(opened: OpenedModel, measured: SamplePass) -> str | None:
     """Say plainly when the samples leave classes of the model out: the projection keeps
     what the samples show, and of the other classes only what it happens not to remove."""
     count = opened.signature.class_count
-    if measured.fit is None or not count:
-        return None
-    covered = len(np.unique(measured.fit.labels))
-    if covered >= count:
+    covered = len(measured.covered_classes)
+    if not count or covered >= count:
         return None
     return (
         f"samples cover {covered} of {count} classes; the other {count - covered} are "
@@ -254,11 +272,25 @@ def _still_predicted(opened: OpenedModel, comparisons: list[Comparison]) -> str 
     )
 
 
-def _comparison(name, labels, before, after, classes) -> Comparison:
+def _comparison(name, labels, before, after, classes, covered) -> Comparison:
+    """Accuracy before and after, and the share of kept samples that keep their original
+    top-1: all of them, and those whose original top-1 is a class the samples leave out."""
+    original = np.argmax(before, axis=1)
+    kept = ~np.isin(labels, classes)
+    uncovered = kept & ~np.isin(original, covered)
     return Comparison(
         name,
-        Accuracy.of(labels, np.argmax(before, axis=1), classes),
+        Accuracy.of(labels, original, classes),
         Accuracy.of(labels, np.argmax(after, axis=1), classes),
+        agreement=agreement(after[kept], before[kept]),
+        uncovered=(
+            {
+                "samples": int(uncovered.sum()),
+                "agreement": agreement(after[uncovered], before[uncovered]),
+            }
+            if uncovered.any()
+            else None
+        ),
     )
 
 
@@ -306,13 +338,24 @@ def json_text(document: dict) -> str:
 
 def choose_layers(opened, measured, classes, alphas, validation, timer) -> DepthChoice:
     """The layers to project: searched on the validation samples for `auto`, else the
-    last N or every one."""
+    last N or every one. The paper's method, or a run with nothing to validate on,
+    projects every layer under `auto`."""
     depth = opened.settings.depth
     if depth != AUTO_DEPTH:
         return DepthChoice(last_layers(opened, depth), (), f"depth {depth}, as asked")
+    if not searches_depth(opened.settings):
+        return DepthChoice(opened.scan.layers, (), "the paper's method projects every layer")
+    if validation is None:
+        return DepthChoice(opened.scan.layers, (), "no samples to validate a depth on")
 
     def build(layers):
         return build_model(opened, measured, classes, alphas, timer, layers).model
 
     with timer("depth"):
         return choose_depth(opened, build, classes, *validation)
+
+
+def searches_depth(settings: ForgetOptions) -> bool:
+    """Whether a run searches its depth (and so holds validation samples back): `auto`
+    with the head repair."""
+    return settings.depth == AUTO_DEPTH and settings.method == REPAIR

@@ -213,11 +213,12 @@ def choose_sets(
 
 def validation_split(opened: OpenedModel, sample_set: SampleSet | None, eval_samples):
     """The fit indices of `sample_set` (None: all) and the validation samples with their
-    indices: `eval_samples` when given, else a seeded share of each class of the samples."""
+    indices: `eval_samples` when given, else a seeded share of each class of the samples
+    (None without samples)."""
     if eval_samples is not None:
         validation = opened.samples(eval_samples)
         return None, (validation, np.arange(len(validation)))
     if sample_set is None:
-        raise InputError("depth auto needs samples or eval_samples to validate on", ("depth",))
+        return None, None
     fit, held = split_validation(sample_set.labels, VALIDATION_SHARE, opened.settings.seed)
     return fit, (sample_set, held)

@@ -137,9 +137,10 @@ class ForgetOptions:
         choices=METHODS,
     )
     depth: str | int = option(
-        ALL_LAYERS,
-        "Layers to project, counted from the head: all; N; or auto, the deepest set that "
-        "keeps 99% of the kept classes' top-1 on validation samples.",
+        AUTO_DEPTH,
+        "Layers to project, counted from the head: auto, the deepest set that keeps 99% of "
+        "the kept classes' top-1 on validation samples (every layer for --method paper); "
+        "all; or N.",
         FORGETTING,
     )
     max_model_bytes: int = option(

@@ -4,8 +4,9 @@ forget samples, or a statistics file. Each hands on a frozen `SamplePass`."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from .gram_file import ClassStatistics, load_statistics, statistic_id
 from .integer_layers import dequantized
 from .layer_scan import Head
 from .opened import OpenedModel
+from .probe import head_features
 from .progress import progress_bar
 from .runtime import Runner
 from .samples import SampleSet
@@ -22,6 +24,7 @@ from .subspace import SpacePair
 from .timing import PhaseTimer
 
 RETAIN, FORGET = "retain", "forget"
+LOGITS, FEATURES = "head logits", "head features"  # what a pass keeps besides the scores
 FROM_STATISTICS = "none (statistics file)"  # the provider of a run that ran no model
 
 
@@ -35,6 +38,7 @@ class FitSamples:
     head: Head | None  # the head to refit, when its logits were collected
     head_logits: np.ndarray | None  # [n, C] the original head's logits
     head_problem: str | None = None  # why collected logits cannot be refitted
+    features: np.ndarray | None = None  # [n, d] the original head's input, for the probe
 
     @property
     def labels(self) -> np.ndarray:
@@ -51,6 +55,7 @@ class SamplePass:
     provider: str
     provider_note: str | None
     fit: FitSamples | None
+    covered_classes: tuple[int, ...]  # the classes the samples or statistics hold
 
     def without_spaces(self) -> SamplePass:
         """The same pass without its Gram matrices, once the weights are rewritten."""
@@ -62,10 +67,11 @@ def tapped_pass(
     runner: Runner,
     sample_set: SampleSet,
     sets: dict[str, np.ndarray],
-    kept: tuple[str, ...] = (),
+    kept: Mapping[str, Callable[[dict[str, np.ndarray]], np.ndarray]] | None = None,
 ) -> tuple[StatisticsCollector, dict[str, dict[str, np.ndarray]]]:
     """One pass of the tapped model over each set: its Gram matrices, and per set the
-    scores and the `kept` tensors, `[n, ...]` each in set order."""
+    scores and what each of `kept` takes from a batch's named outputs, `[n, ...]` each in
+    set order."""
     settings = opened.settings
     collector = StatisticsCollector(
         opened.scan.layers,
@@ -75,23 +81,24 @@ def tapped_pass(
         runner.gram_products,
     )
     outputs = [o.name for o in runner.session.get_outputs()]
-    keep = list(dict.fromkeys([opened.signature.scores_name, *kept]))
+    scores_name = opened.signature.scores_name
+    keep = {scores_name: lambda named: named[scores_name], **(kept or {})}
     values_by_set = {}
     total = sum(len(indices) for indices in sets.values())
     with progress_bar(total, "collecting", settings.progress) as bar:
         for name, indices in sets.items():
-            done, batches = 0, {tensor: [] for tensor in keep}
+            done, batches = 0, {key: [] for key in keep}
             for batch, values in runner.run(sample_set.load, indices, outputs):
                 named = dict(zip(outputs, values))
                 collector.add(name, named, done)
-                for tensor in keep:
-                    batches[tensor].append(named[tensor].astype(np.float64))
+                for key, take in keep.items():
+                    batches[key].append(take(named).astype(np.float64))
                 done += len(batch)
                 bar.update(len(batch))
                 del values, named  # not alive while the next batch runs
             values_by_set[name] = {
-                tensor: np.concatenate(parts) if parts else np.zeros((0, 0))
-                for tensor, parts in batches.items()
+                key: np.concatenate(parts) if parts else np.zeros((0, 0))
+                for key, parts in batches.items()
             }
     return collector, values_by_set
 
@@ -104,27 +111,33 @@ def pass_over_samples(
     head: Head | None,
     timer: PhaseTimer,
 ) -> SamplePass:
-    """Run the tapped model once over both sets, keeping `head`'s logits when given."""
-    logits = ((head.logits, head.logits_dtype or head.layer.weight_dtype),) if head else ()
+    """Run the tapped model once over both sets, keeping `head`'s logits when given and
+    the features the model's head sees, for the probe."""
+    kept, tapped = {}, ()
+    if head is not None:
+        logits_dtype = head.logits_dtype or head.layer.weight_dtype
+        tapped = ((head.logits, logits_dtype),)
+        kept[LOGITS] = lambda named: named[head.logits]
+    probe_head = opened.head()
+    if probe_head is not None:
+        kept[FEATURES] = partial(head_features, probe_head.layer)
     with timer("taps"):
-        runner = opened.tapped_runner(logits)
+        runner = opened.tapped_runner(tapped)
     with timer("collect"):
         collector, kept = tapped_pass(
-            opened,
-            runner,
-            sample_set,
-            {RETAIN: retain, FORGET: forget},
-            tuple(name for name, _ in logits),
+            opened, runner, sample_set, {RETAIN: retain, FORGET: forget}, kept
         )
     spaces = {
         key: SpacePair(collector.gram(key, RETAIN), collector.gram(key, FORGET))
         for key in collector.accumulators
     }
 
-    def both(tensor: str) -> np.ndarray:
-        return np.concatenate([kept[RETAIN][tensor], kept[FORGET][tensor]])
+    def both(key: str) -> np.ndarray | None:
+        if key not in kept[RETAIN]:
+            return None
+        return np.concatenate([kept[RETAIN][key], kept[FORGET][key]])
 
-    head_logits = dequantized(both(head.logits), head.logits_dequantization) if head else None
+    head_logits = dequantized(both(LOGITS), head.logits_dequantization) if head else None
     expected = (len(retain) + len(forget), opened.signature.class_count)
     problem = None
     if head_logits is not None and head_logits.shape != expected:
@@ -140,6 +153,7 @@ def pass_over_samples(
         head=head if problem is None else None,
         head_logits=head_logits if problem is None else None,
         head_problem=problem,
+        features=both(FEATURES),
     )
     counts = {
         "origin": sample_set.origin,
@@ -147,7 +161,8 @@ def pass_over_samples(
         "forget": len(forget),
         "skipped_files": sample_set.skipped_files,
     }
-    return SamplePass(spaces, counts, runner.provider, runner.provider_note, fit)
+    covered = tuple(int(c) for c in np.unique(fit.labels))
+    return SamplePass(spaces, counts, runner.provider, runner.provider_note, fit, covered)
 
 
 def pass_from_statistics(
@@ -168,7 +183,8 @@ def pass_from_statistics(
         "forget": sum(statistics.samples[c] for c in classes),
         "skipped_files": 0,
     }
-    return SamplePass(spaces, counts, FROM_STATISTICS, None, None)
+    covered = tuple(sorted({*kept, *classes}))
+    return SamplePass(spaces, counts, FROM_STATISTICS, None, None, covered)
 
 
 def check_statistics(statistics: ClassStatistics, opened: OpenedModel, classes, origin):

@@ -18,6 +18,9 @@ class Comparison:
     name: str  # "samples": the ones used to forget; "eval": a held-out set
     before: Accuracy
     after: Accuracy
+    agreement: float  # percent of kept-class samples that keep their original top-1
+    # the same for kept samples whose original top-1 is a class the samples leave out
+    uncovered: dict | None = None  # samples, agreement
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     confusion: dict[int, dict[int, int]] | None = None  # forgotten class -> predicted counts
     membership: dict[str, float] | None = None  # attack's member share, before and after
+    probe: dict | None = None  # the forgotten classes' probe readability, before and after
     notes: list[str] = field(default_factory=list)  # what the run could not do, and why
     tuning: list[dict] | None = None  # the α grid of a search: one dict per point
     depth: dict | None = None  # layers projected of all, each depth tried, why it stopped
@@ -60,6 +64,7 @@ class Report:
             "accuracy": {c.name: _comparison_dict(c) for c in self.comparisons},
             "confusion": self.confusion,
             "membership": self.membership,
+            "probe": self.probe,
             "notes": self.notes,
             "depth": self.depth,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
@@ -97,6 +102,8 @@ class Report:
         for label, where in (self.confusion or {}).items():
             spread = ", ".join(f"{p}: {n}" for p, n in sorted(where.items(), key=lambda i: -i[1]))
             lines.append(f"class {label} samples now go to  {spread}")
+        if self.probe:
+            lines.append(_probe_line(self.probe))
         if self.membership:
             lines.append(
                 "membership inference: forgotten samples called members "
@@ -105,6 +112,17 @@ class Report:
         phases = "  ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
         lines += ["", f"time       {phases}"]
         return "\n".join(lines)
+
+
+def _probe_line(probe: dict) -> str:
+    """How well a linear probe on the head's input still tells the forgotten classes."""
+    before, after = probe["before"], probe["after"]
+    where = "held-out samples" if probe["set"] == "eval" else "the samples used"
+    return (
+        f"linear probe on the head's input labels forgotten samples correctly "
+        f"{before['forgotten']:.1f}% before, {after['forgotten']:.1f}% after "
+        f"(chance {before['chance']:.1f}%; cross-validated on {where})"
+    )
 
 
 def _partial(depth: dict | None) -> bool:
@@ -123,6 +141,8 @@ def _comparison_dict(comparison: Comparison) -> dict:
     return {
         "before": asdict(comparison.before),
         "after": asdict(comparison.after),
+        "agreement": comparison.agreement,
+        "uncovered": comparison.uncovered,
     }
 
 
@@ -142,6 +162,13 @@ def accuracy_table(comparison: Comparison, forgotten: list[int]) -> list[str]:
     rows.append(
         f"{'forget':>8} {'':>6} {_pct(comparison.before.forget)} {_pct(comparison.after.forget)}"
     )
+    if not math.isnan(comparison.agreement):
+        rows.append(f"kept samples that keep their original top-1: {comparison.agreement:.1f}%")
+    if comparison.uncovered:
+        rows.append(
+            f"  of them {comparison.uncovered['samples']} with an uncovered class as top-1: "
+            f"{comparison.uncovered['agreement']:.1f}%"
+        )
     return rows
 
 
@@ -243,4 +270,10 @@ def format_evaluation(evaluation) -> str:
         lines.append(
             f"membership inference ({name}): forgotten samples called members {share:.1f}%"
         )
+    for name, readable in (evaluation.probe or {}).items():
+        if readable is not None:
+            lines.append(
+                f"linear probe on the head's input ({name}): forgotten samples labelled "
+                f"correctly {readable.forgotten:.1f}% (chance {readable.chance:.1f}%)"
+            )
     return "\n".join(lines)

@@ -246,7 +246,7 @@ def test_weights_behind_casts_keep_their_stored_type(tmp_path, dtype):
     _mixed_samples(tmp_path / "samples.npz")
     process = run_cli(
         "cast.onnx", "--forget-class", "1", "--samples", "samples.npz", "-o", "out.onnx", "-q",
-        cwd=tmp_path,
+        "--depth", "all", cwd=tmp_path,
     )  # fmt: skip
     assert process.returncode == 0, process.stderr
     before = _initializers(original)

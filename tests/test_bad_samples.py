@@ -185,7 +185,10 @@ def test_mixed_folders_and_non_sample_files_are_skipped_and_counted(tmp_path, mo
     (root / "README").write_text("digits\n")
     (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (root / "3" / "notes.txt").write_text("hand-picked\n")
-    process = run_cli(*forget_args(MODEL.name, "samples"), "--report", "r.json", cwd=tmp_path)
+    every = ("--depth", "all")  # a depth search would hold some samples back to validate on
+    process = run_cli(
+        *forget_args(MODEL.name, "samples"), *every, "--report", "r.json", cwd=tmp_path
+    )
     assert process.returncode == 0, process.stderr
     samples = json.loads((tmp_path / "r.json").read_text())["samples"]
     assert samples["skipped_files"] == 3

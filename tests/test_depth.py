@@ -52,6 +52,43 @@ def test_a_depth_that_is_no_number_of_layers_is_refused(depth):
         onnx_forget.forget(MODEL, 3, SAMPLES, depth=depth, **FEW)
 
 
-def test_tune_does_not_search_depth():
-    with pytest.raises(InputError, match="tune searches alpha, not depth"):
-        onnx_forget.tune(MODEL, 3, SAMPLES, depth="auto", **FEW)
+def test_tune_searches_alpha_on_the_depth_it_searched_first(tmp_path):
+    """Under `auto`, tune searches the depth at the default α, then α on those layers: its
+    model is the one forget writes at that depth and the best α."""
+    grid = {"alpha_r_grid": (30, 100), "alpha_f_grid": (3,)}
+    tuned = onnx_forget.tune(
+        MODEL, 3, SAMPLES, eval_samples=HELD_OUT, output=tmp_path / "tuned.onnx", **grid, **FEW
+    )
+    depth = tuned.result.report.depth
+    assert depth["trials"] and depth["trials"][0]["depth"] == 1
+    onnx_forget.forget(
+        MODEL,
+        3,
+        SAMPLES,
+        eval_samples=HELD_OUT,
+        output=tmp_path / "forget.onnx",
+        depth=depth["projected"],
+        alpha_r=tuned.best["alpha_r"],
+        alpha_f=tuned.best["alpha_f"],
+        **FEW,
+    )
+    assert (tmp_path / "tuned.onnx").read_bytes() == (tmp_path / "forget.onnx").read_bytes()
+
+
+def test_the_paper_method_projects_every_layer_under_auto(tmp_path):
+    """`--method paper` stays the paper: no samples held back, every layer projected."""
+    output = tmp_path / "out.onnx"
+    result = onnx_forget.forget(MODEL, 3, SAMPLES, method="paper", output=output, **FEW)
+    assert result.report.depth["projected"] == result.report.depth["of"] == 5
+    assert not result.report.depth["trials"]
+    assert result.report.samples["retain"] == 9 * FEW["retain_per_class"]
+
+
+def test_statistics_without_validation_samples_project_every_layer(tmp_path):
+    """A run from a statistics file alone has nothing to validate a depth on: every layer
+    is projected, and the report says why."""
+    stats = onnx_forget.collect(MODEL, SAMPLES, output=tmp_path / "s.npz", max_patches=64)
+    output = tmp_path / "out.onnx"
+    result = onnx_forget.forget(MODEL, 3, stats=stats, max_patches=64, output=output)
+    assert result.report.depth["projected"] == 5
+    assert result.report.depth["stopped"] == "no samples to validate a depth on"
