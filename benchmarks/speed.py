@@ -24,6 +24,12 @@ minutes, 10 of them its baseline, so it is asked for by name.
 
 With `--device cuda` every variant runs on onnxruntime's CUDA provider (the baseline's
 SVDs stay on the CPU) and the GPU's name is printed.
+
+    python benchmarks/speed.py --contended
+
+runs instead the real-model job (the committed EfficientNet-Lite0 fixture, default
+options) alone, next to a CPU-bound neighbour process, and as two runs started at once,
+and prints each run's wall and CPU time and its slowdown against the lone run.
 """
 
 from __future__ import annotations
@@ -529,6 +535,64 @@ def print_model(name: str, results: dict, bound: dict, args, wall: float) -> Non
     print(f"wall time for {name}: {wall:.0f} s")
 
 
+# --------------------------------------------------------------------------- contended
+
+CONTENDED_TARGET = 2.5  # each run at most this many times a lone run's wall time
+NEIGHBOUR = "while True: pass"  # one CPU-bound thread, as a busy neighbour process is
+
+
+def contended_job(folder: Path) -> list[str]:
+    """The real-model job of docs/benchmarks.md: forget espresso in EfficientNet-Lite0."""
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    return [
+        sys.executable, "-m", "onnx_forget", str(fixtures / "imagenet_efficientnet_lite0.onnx"),
+        "--forget-class", "967", "--samples", str(fixtures / "imagenet_photos" / "train"),
+        "--class-names", str(fixtures / "imagenet_classes.txt"), "--scale", "1",
+        "--mean", "127,127,127", "--std", "128,128,128", "-q", "--force", "-o", str(folder / "out.onnx"),
+    ]  # fmt: skip
+
+
+def timed_together(commands: list[list[str]], neighbour: bool) -> list[tuple[float, float]]:
+    """Start `commands` at once (with a busy neighbour process alongside when asked) and
+    return each one's wall and CPU seconds."""
+    busy = subprocess.Popen([sys.executable, "-c", NEIGHBOUR]) if neighbour else None
+    try:
+        start = time.perf_counter()
+        children = {subprocess.Popen(c, stdout=subprocess.DEVNULL).pid: c for c in commands}
+        times = {}
+        while len(times) < len(children):
+            pid, status, usage = os.wait4(-1, 0)
+            if pid in children:
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise SystemExit(f"a contended run failed: {' '.join(children[pid])}")
+                times[pid] = (time.perf_counter() - start, usage.ru_utime + usage.ru_stime)
+        return [times[pid] for pid in children]
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+
+
+def run_contended() -> None:
+    """The same job alone, next to a CPU-bound neighbour, and as two runs at once."""
+    print(f"{os.cpu_count()} CPUs; the job: forget class 967 of the EfficientNet-Lite0 fixture")
+    with tempfile.TemporaryDirectory() as folder:
+        folders = [Path(folder) / name for name in ("a", "b")]
+        for each in folders:
+            each.mkdir()
+        alone = timed_together([contended_job(folders[0])], neighbour=False)
+        beside = timed_together([contended_job(folders[0])], neighbour=True)
+        together = timed_together([contended_job(f) for f in folders], neighbour=False)
+    lone_wall = alone[0][0]
+    print(f"{'how':<28} {'wall s':>8} {'CPU s':>8} {'x alone':>8}")
+    rows = [("alone", alone[0]), ("next to a busy neighbour", beside[0])]
+    rows += [(f"two at once, run {n + 1}", times) for n, times in enumerate(together)]
+    for label, (wall, cpu) in rows:
+        print(f"{label:<28} {wall:>8.1f} {cpu:>8.1f} {wall / lone_wall:>8.2f}")
+    worst = max(wall for _, (wall, _) in rows[1:]) / lone_wall
+    print(ratio_line("worst contended run / lone run", worst, CONTENDED_TARGET))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -544,9 +608,17 @@ def main() -> None:
     parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--device", choices=tuple(PROVIDERS), default="cpu")
     parser.add_argument("--child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--contended",
+        action="store_true",
+        help="instead: the real-model job alone, next to a busy process, and two at once",
+    )
     args = parser.parse_args()
     if args.child:
         run_child(args)
+        return
+    if args.contended:
+        run_contended()
         return
     names = args.models.split(",")
     unknown = sorted(set(names) - set(MODELS))

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from onnx import helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from .cores import usable_cores
 from .errors import InputError, UnsupportedModelError
 from .gram import GramProducts, numpy_gram
 from .modelio import all_tensors
@@ -218,7 +219,7 @@ def open_runner(
 ) -> Runner:
     """Start a session on the requested device; `auto` uses CUDA only if it really starts."""
     payload = session_payload(model) if isinstance(model, onnx.ModelProto) else model
-    options = _session_options()
+    options = session_options()
 
     def cpu_session() -> ort.InferenceSession:
         return _session(payload, options, CPU)
@@ -249,7 +250,7 @@ def open_runner(
     )
 
 
-def _session_options() -> ort.SessionOptions:
+def session_options() -> ort.SessionOptions:
     """Every graph optimisation is on: onnxruntime never fuses away a tensor that is a graph
     output, so tapped tensors keep their exported values. Memory patterns are off: once a
     batch shape repeats, onnxruntime would allocate the whole recorded plan as one block,
@@ -259,6 +260,11 @@ def _session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = ORT_SILENT  # its errors become ours, on one line
+    # One thread per core this process may use (affinity, cgroup quota), and no spinning:
+    # between runs the host does Gram products, and waiting threads that spin take the
+    # cores from them and from any other process on the machine.
+    options.intra_op_num_threads = usable_cores()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Same inputs and seed, same model bytes: no kernel may pick its algorithm by timing.
     options.use_deterministic_compute = True
     options.enable_mem_pattern = False
@@ -387,7 +393,7 @@ def session_providers(provider: str) -> dict:
 
 def onnxruntime_gram(provider: str) -> GramProducts:
     """`rows[g]^T rows[g]` for float32 rows `[groups, n, d]`, by onnxruntime on `provider`."""
-    session = _session(_gram_model(), _session_options(), provider)
+    session = _session(_gram_model(), session_options(), provider)
 
     def products(rows: np.ndarray) -> np.ndarray:
         try:

@@ -1,5 +1,5 @@
 """The environment a run meets: onnxruntime's builds and IR versions, other libraries'
-global settings, the process umask."""
+global settings, the process umask, the cores it may use."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 
 import onnx_forget
 from onnx_forget import outputs
+from onnx_forget.cores import cgroup_cpu_quota, usable_cores
 from onnx_forget.errors import VerificationError
-from onnx_forget.runtime import TYPE_IR_VERSIONS, newest_ir_version
+from onnx_forget.runtime import TYPE_IR_VERSIONS, newest_ir_version, session_options
 from tests.helpers import EXIT_UNSUPPORTED, FAST, FEW_SAMPLES, HELD_OUT, MODEL, SAMPLES, run_cli
 
 
@@ -154,3 +155,28 @@ def test_a_checker_failure_of_any_kind_is_a_verification_error(tmp_path, monkeyp
     with pytest.raises(VerificationError, match="simulated"):
         onnx_forget.forget(model, 3, SAMPLES, **FEW_SAMPLES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+    ids=["v2 limit", "v2 none", "v1 limit", "v1 none", "no cgroup"],
+)
+def test_the_cgroup_cpu_quota_caps_the_threads(tmp_path, files, quota):
+    """A CPU limit (Kubernetes, docker --cpus) is read from cgroup v2 or v1 files."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+
+
+def test_sessions_use_the_usable_cores_without_spinning():
+    options = session_options()
+    assert options.intra_op_num_threads == usable_cores() <= len(os.sched_getaffinity(0))
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
