@@ -548,7 +548,8 @@ def contended_job(folder: Path) -> list[str]:
         sys.executable, "-m", "onnx_forget", str(fixtures / "imagenet_efficientnet_lite0.onnx"),
         "--forget-class", "967", "--samples", str(fixtures / "imagenet_photos" / "train"),
         "--class-names", str(fixtures / "imagenet_classes.txt"), "--scale", "1",
-        "--mean", "127,127,127", "--std", "128,128,128", "-q", "--force", "-o", str(folder / "out.onnx"),
+        "--mean", "127,127,127", "--std", "128,128,128", "-q", "--force",
+        "-o", str(folder / "out.onnx"),
     ]  # fmt: skip
 
 

@@ -51,6 +51,7 @@ from .options import (
     DEFAULT_ALPHA_R,
     DEFAULT_BATCH_SIZE,
     DEFAULT_FORGET_SAMPLES,
+    DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_MODEL_BYTES,
     DEFAULT_MAX_PATCHES,
     DEFAULT_MAX_SAMPLE_BYTES,
@@ -139,6 +140,7 @@ def forget(
     preprocessing: Preprocessing = Preprocessing(),
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
 ) -> ForgetResult:
     """Forget `forget_classes` in `model`, from `samples` or from collected `stats`.
@@ -205,6 +207,7 @@ def tune(
     preprocessing: Preprocessing = Preprocessing(),
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
 ) -> TuneResult:
     """Search (α_r, α_f) on a grid, scoring `retain_acc * (100 - forget_acc)` on validation
@@ -267,6 +270,7 @@ def collect(
     preprocessing: Preprocessing = Preprocessing(),
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
 ) -> ClassStatistics:
     """Gram matrices per statistic and per class, to forget any class later without samples.
@@ -343,6 +347,7 @@ def evaluate(
     preprocessing: Preprocessing = Preprocessing(),
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Evaluation:
     """Accuracy per class, where forgotten samples go, agreement with `reference`, and —
     with `members` (samples the model was trained on) — the membership-inference share

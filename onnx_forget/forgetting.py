@@ -235,6 +235,7 @@ def _notes(opened: OpenedModel, measured: SamplePass, method: Method, comparison
     """What a pipeline should know about the run, one sentence each."""
     notes = (
         _coverage(opened, measured),
+        _fixed_batch(opened),
         method.note,
         _still_predicted(opened, comparisons),
     )
@@ -252,6 +253,20 @@ def _coverage(opened: OpenedModel, measured: SamplePass) -> str | None:
         f"samples cover {covered} of {count} classes; the other {count - covered} are "
         "protected only by the projection's restraint"
     )
+
+
+def _fixed_batch(opened: OpenedModel) -> str | None:
+    """Say how a fixed-batch model ran: at the run's batch size through a copy with a
+    symbolic batch, or at its own, and why."""
+    fixed = opened.signature.fixed_batch
+    if fixed is None:
+        return None
+    if opened.fixed_batch_kept is None:
+        return (
+            f"the model's fixed batch of {fixed} was made symbolic for the run (its outputs "
+            f"checked against the original's); the written model keeps batch {fixed}"
+        )
+    return f"the model ran at its fixed batch of {fixed}: {opened.fixed_batch_kept}"
 
 
 def _still_predicted(opened: OpenedModel, comparisons: list[Comparison]) -> str | None:

@@ -3,6 +3,7 @@ sets, and outputs that must not be inputs."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .batch import batch_check, symbolic_batch
 from .errors import InputError, UnsupportedModelError
 from .graph import DEQUANTIZE, GraphIndex
 from .layer_scan import Head, LayerScan, find_head, scan_layers
@@ -56,17 +58,30 @@ class OpenedModel:
         return cls(loaded, signature, scan, settings)
 
     def runner(self, model: onnx.ModelProto) -> Runner:
-        """A session on `model` (this one or a rewritten copy) as the options ask."""
+        """A session on `model` (this one or a rewritten copy) as the options ask; for a
+        fixed-batch model, on a copy with a symbolic batch when that gives its outputs."""
+        fixed_batch = self.signature.fixed_batch
+        if fixed_batch is not None and self.fixed_batch_kept is None:
+            model, fixed_batch = symbolic_batch(model, self.signature), None
         try:
             return open_runner(
                 model,
                 self.settings.device,
                 self.settings.batch_size,
-                self.signature.fixed_batch,
+                fixed_batch,
                 self.signature.input_name,
+                self.settings.max_memory,
             )
         except UnsupportedModelError as error:  # name the file the user gave
             raise UnsupportedModelError(f"{self.loaded.where}: {error}", error.options) from None
+
+    @functools.cached_property
+    def fixed_batch_kept(self) -> str | None:
+        """Why a fixed-batch model must run at its own batch size (None: it need not, or
+        has none), checked once."""
+        if self.signature.fixed_batch is None:
+            return None
+        return batch_check(self.loaded.proto, self.signature)
 
     def tapped_runner(self, also: tuple[tuple[str, np.dtype], ...] = ()) -> Runner:
         """A session on the model with every layer's input (and `also`) as outputs."""

@@ -28,6 +28,7 @@ DEFAULT_MAX_MODEL_BYTES = 4 * 2**30
 # Largest sample file (a .npz counted by its arrays' uncompressed size), refused before it
 # is read: a .npz is loaded whole, and 2 GiB is ~3,400 ImageNet-size float32 inputs.
 DEFAULT_MAX_SAMPLE_BYTES = 2 * 2**30
+DEFAULT_MAX_MEMORY = 3 * 2**29  # 1.5 GiB
 DEVICES = ("auto", "cpu", "cuda")
 # "paper": docs/method.md's projection only. "head-repair": the paper's projection, then
 # the classifier head refitted in closed form (repair.py); it needs samples, not only
@@ -149,6 +150,12 @@ class ForgetOptions:
         LOADING,
         minimum=1,
     )
+    max_memory: int = option(
+        DEFAULT_MAX_MEMORY,
+        "Bytes a batch's tapped activations may take, three batches' worth; batches shrink to fit.",
+        RUNNING,
+        minimum=1,
+    )
     max_sample_bytes: int = option(
         DEFAULT_MAX_SAMPLE_BYTES,
         "Refuse a larger sample file (.npz arrays counted uncompressed).",
@@ -167,6 +174,7 @@ class ForgetOptions:
             "batch_size",
             "max_model_bytes",
             "max_sample_bytes",
+            "max_memory",
         ):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1", (name,))

@@ -160,6 +160,7 @@ def pass_over_samples(
         "retain": len(retain),
         "forget": len(forget),
         "skipped_files": sample_set.skipped_files,
+        "batch": {"size": runner.batch_size, "why": runner.batch_reason},
     }
     covered = tuple(int(c) for c in np.unique(fit.labels))
     return SamplePass(spaces, counts, runner.provider, runner.provider_note, fit, covered)

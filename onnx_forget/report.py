@@ -91,7 +91,8 @@ class Report:
                 f", {self.samples['skipped_files']} files skipped"
                 if self.samples["skipped_files"]
                 else ""
-            ),
+            )
+            + _batch_text(self.samples.get("batch")),
             f"provider   {self.provider}"
             + (f" ({self.provider_note})" if self.provider_note else ""),
             *([f"depth      {_depth_line(self.depth)}"] if _partial(self.depth) else []),
@@ -112,6 +113,13 @@ class Report:
         phases = "  ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
         lines += ["", f"time       {phases}"]
         return "\n".join(lines)
+
+
+def _batch_text(batch: dict | None) -> str:
+    """The batch size, when something other than --batch-size chose it."""
+    if not batch or batch["why"] == "--batch-size":
+        return ""
+    return f"; batches of {batch['size']} ({batch['why']})"
 
 
 def _probe_line(probe: dict) -> str:

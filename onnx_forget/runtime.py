@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from .gram import GramProducts, numpy_gram
 from .modelio import all_tensors
 
 CPU = "CPUExecutionProvider"
+OUTPUT_COPIES = 3  # batches of a run's outputs that may be alive at once (Runner._fit_batch)
 CUDA = "CUDAExecutionProvider"
 CUDA_OPTIONS = {
     # TF32 would round conv and matmul inputs to 10 bits: the CUDA run must match the CPU's.
@@ -81,6 +83,11 @@ class Runner:
     cuda_failure: str | None = None  # why CUDA was given up for this model
     # Run the next batch while the caller uses this one: on CUDA, where the GPU is free.
     runs_ahead: bool = False
+    # Bytes a batch's outputs may take, OUTPUT_COPIES times over: the first run, of one
+    # sample, measures them and shrinks `batch_size` to fit (not for a fixed batch).
+    memory_budget: int | None = None
+    batch_reason: str = "--batch-size"  # why `batch_size` is what it is
+    _sized: bool = field(default=False, init=False, repr=False)
     _cuda_gram: GramProducts | None = field(default=None, init=False, repr=False)
     _switching: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -109,8 +116,15 @@ class Runner:
         the samples (two batches of inputs are then alive) and, while the runner
         `runs_ahead`, runs them too (two batches of outputs). A fixed-batch model gets its
         last batch padded with copies of the first sample, cut from every output before it
-        is yielded.
+        is yielded. Under a memory budget, the first run ever is of one sample, to size the
+        batches.
         """
+        if self.memory_budget and not self._sized and len(indices):
+            first, indices = indices[:1], indices[1:]
+            outputs = self._outputs(output_names, load(first), 1)
+            self._fit_batch(sum(output.nbytes for output in outputs))
+            yield first, outputs
+            del outputs
         size = self.batch_size
         batches = [indices[start : start + size] for start in range(0, len(indices), size)]
 
@@ -134,6 +148,23 @@ class Runner:
                 del outputs  # not alive while the next batch runs
         finally:  # an error or an early stop does not wait for the batch being prepared
             worker.shutdown(wait=False, cancel_futures=True)
+
+    def _fit_batch(self, bytes_per_sample: int) -> None:
+        """Shrink the batch so that, over the memory this process has used so far,
+        OUTPUT_COPIES batches of outputs fit in the budget: onnxruntime's working tensors,
+        the outputs handed over, and the batch prepared after them."""
+        self._sized = True
+        in_use = peak_memory()
+        room = max(0, self.memory_budget - in_use)
+        fits = max(1, room // (OUTPUT_COPIES * max(1, bytes_per_sample)))
+        if self.fixed_batch or fits >= self.batch_size:
+            return
+        self.batch_reason = (
+            f"--max-memory {self.memory_budget / 2**20:.0f} MiB: {in_use / 2**20:.0f} MiB in "
+            f"use, then {OUTPUT_COPIES} batches of {bytes_per_sample / 2**20:.1f} MiB of "
+            "outputs per sample"
+        )
+        self.batch_size = int(fits)
 
     def gram_products(self, rows: np.ndarray) -> np.ndarray:
         """`rows[g]^T rows[g]` of float32 rows: on the GPU while the session runs on CUDA
@@ -206,6 +237,17 @@ def _drop_padding(output: np.ndarray, real: int, padded: int) -> np.ndarray:
     return output[: real * (output.shape[0] // padded)]
 
 
+def peak_memory() -> int:
+    """The most resident memory this process has used so far, in bytes (0 where the
+    platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes
+
+
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -216,6 +258,7 @@ def open_runner(
     batch_size: int,
     fixed_batch: int | None,
     input_name: str,
+    memory_budget: int | None = None,
 ) -> Runner:
     """Start a session on the requested device; `auto` uses CUDA only if it really starts."""
     payload = session_payload(model) if isinstance(model, onnx.ModelProto) else model
@@ -247,6 +290,8 @@ def open_runner(
         cpu_fallback=cpu_session if device == "auto" and on_cuda else None,
         cuda_failure=cuda_failure,
         runs_ahead=on_cuda,
+        memory_budget=memory_budget,
+        batch_reason="the model's fixed batch" if fixed_batch else "--batch-size",
     )
 
 

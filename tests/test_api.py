@@ -77,6 +77,48 @@ def test_fixed_batch_model_runs_at_its_batch_size_with_the_same_result():
     assert b.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 8
 
 
+def _with_fixed_batch(batch: int, baked_into_reshape: bool) -> onnx.ModelProto:
+    """The CNN exported with a fixed batch; with `baked_into_reshape`, its Flatten becomes
+    a Reshape to `[batch, -1]`, as some exporters write it, so no other batch runs."""
+    model = onnx.load(MODEL)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    if baked_into_reshape:
+        node = next(n for n in model.graph.node if n.op_type == "Flatten")
+        shape = onnx.numpy_helper.from_array(np.array([batch, -1], np.int64), "flat_shape")
+        model.graph.initializer.append(shape)
+        node.op_type = "Reshape"
+        node.input.append("flat_shape")
+        del node.attribute[:]
+    return model
+
+
+def test_fixed_batch_model_runs_in_large_batches_and_says_so():
+    """A batch-1 export runs at the run's batch size through a symbolic-batch copy, and
+    gives the weights of the dynamic-batch model; the written model keeps batch 1."""
+    options = {"retain_per_class": 10, "forget_samples": 12, "batch_size": 64, **ON_CPU}
+    a = onnx_forget.forget(onnx.load(MODEL), 2, SAMPLES, **options).model
+    result = onnx_forget.forget(_with_fixed_batch(1, False), 2, SAMPLES, **options)
+    assert largest_relative_difference(float_weights(result.model), float_weights(a)) < (
+        BATCHING_TOLERANCE
+    )
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert any("fixed batch of 1 was made symbolic" in note for note in result.report.notes)
+
+
+def test_a_batch_baked_into_the_graph_runs_at_its_own_size():
+    """A Reshape to `[8, -1]` fails at batch 16: the run keeps batch 8, pads the last
+    batch, gives the same weights, and the report says why."""
+    options = {"retain_per_class": 10, "forget_samples": 12, "batch_size": 64, **ON_CPU}
+    a = onnx_forget.forget(onnx.load(MODEL), 2, SAMPLES, **options).model
+    result = onnx_forget.forget(_with_fixed_batch(8, True), 2, SAMPLES, **options)
+    assert largest_relative_difference(float_weights(result.model), float_weights(a)) < (
+        BATCHING_TOLERANCE
+    )
+    note = next(note for note in result.report.notes if "fixed batch" in note)
+    assert note.startswith("the model ran at its fixed batch of 8: run at batch 16")
+
+
 def test_float16_model_is_projected_and_stays_float16():
     """fp16 weights and inputs: projected in float64, stored back as float16, close to
     the float32 model's result."""
@@ -249,3 +291,19 @@ def test_evaluate_runs_a_model_without_projectable_layers():
     evaluation = onnx_forget.evaluate(softmax, (x, y))
     assert evaluation.accuracy.retain == pytest.approx(80.0)
     assert evaluation.accuracy.per_class == {0: 100.0, 1: 100.0, 2: 50.0, 3: 100.0}
+
+
+def test_a_memory_bound_shrinks_the_batches_not_the_result():
+    """With no memory to spare, batches are of one sample; the weights are those of the
+    default batches, and the report says which batch size was used and why."""
+    options = {"retain_per_class": 10, "forget_samples": 12, "depth": "all", **ON_CPU}
+    model = onnx.load(MODEL)
+    default = onnx_forget.forget(model, 2, SAMPLES, **options)
+    bounded = onnx_forget.forget(model, 2, SAMPLES, max_memory=1, **options)
+    assert default.report.samples["batch"] == {"size": 64, "why": "--batch-size"}
+    assert bounded.report.samples["batch"]["size"] == 1
+    assert bounded.report.samples["batch"]["why"].startswith("--max-memory 0 MiB")
+    difference = largest_relative_difference(
+        float_weights(bounded.model), float_weights(default.model)
+    )
+    assert difference < BATCHING_TOLERANCE
