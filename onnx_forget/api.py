@@ -9,6 +9,7 @@ editors show them; that, not their bodies, is what makes the signatures long.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InputError
+from .errors import InputError, InstallationError
 from .forgetting import (
     build_model,
     choose_layers,
@@ -61,8 +62,9 @@ from .options import (
     ForgetOptions,
     Preprocessing,
 )
-from .outputs import REPORT_OUTPUT, OutputFiles, check_outputs
+from .outputs import PLOT_OUTPUT, REPORT_OUTPUT, OutputFiles, check_outputs
 from .passes import pass_from_statistics, pass_over_samples, tapped_pass
+from .plot import check_matplotlib, evaluation_picture, write_png
 from .probe import Readability, readability, scores_and_features
 from .report import Report
 from .selection import choose_from_class
@@ -98,6 +100,7 @@ class Evaluation:
     """A model on labelled samples, optionally against the model it was made from."""
 
     accuracy: Accuracy
+    reference_accuracy: Accuracy | None  # the reference's, on the same samples
     forgotten_classes: list[int]
     confusion: dict[int, dict[int, int]]
     agreement: float | None  # percent of kept-class samples with the reference's top-1
@@ -125,6 +128,7 @@ def forget(
     force: bool = False,
     eval_samples: Samples | None = None,
     report: PathArgument | None = None,
+    plot: PathArgument | None = None,
     method: str = DEFAULT_METHOD,
     depth: str | int = AUTO_DEPTH,
     alpha_r: float = DEFAULT_ALPHA_R,
@@ -146,14 +150,21 @@ def forget(
     """Forget `forget_classes` in `model`, from `samples` or from collected `stats`.
 
     A model given by path is written beside itself (or to `output`); a ModelProto is
-    written only when `output` is given. `report` writes the report as JSON, with the
-    model as one transaction. No output may be an input. The options are ForgetOptions'
-    fields (docs/python-api.md).
+    written only when `output` is given. `report` writes the report as JSON and `plot` a
+    PNG of the accuracy before and after, with the model as one transaction. No output may
+    be an input. The options are ForgetOptions' fields (docs/python-api.md).
     """
     settings = ForgetOptions.among(locals())
     classes = forget_class_list(forget_classes)
     if (samples is None) == (stats is None):
         raise InputError("give either samples or stats", ("samples", "stats"))
+    if plot is not None:
+        check_matplotlib()
+        if samples is None and eval_samples is None:
+            raise InputError(
+                "plot needs samples or eval_samples to compare the models on",
+                ("plot", "samples", "eval_samples"),
+            )
     timer = PhaseTimer()
     with timer("load"):
         opened = OpenedModel.of(model, settings)
@@ -161,7 +172,7 @@ def forget(
         sample_set = opened.samples(samples) if samples is not None else None
         written = destination(opened.loaded.path, output, classes)
         others = {"the evaluation samples": eval_samples, "the statistics file": stats}
-        check_run_outputs(opened, written, report, force, sample_set, others)
+        check_run_outputs(opened, written, report, force, sample_set, others, plot)
         fit, validation = None, None  # only a depth search holds samples back
         if searches_depth(settings):
             fit, validation = validation_split(opened, sample_set, eval_samples)
@@ -178,8 +189,9 @@ def forget(
         built = build_model(opened, measured, classes, alphas, timer, depth.layers)
     measured = measured.without_spaces()  # evaluation needs the memory the Grams held
     run_report = finish(
-        opened, built, measured, classes, alphas, written, eval_samples, report, timer, depth=depth
-    )
+        opened, built, measured, classes, alphas, written, eval_samples, report, timer,
+        depth=depth, plot_path=plot,
+    )  # fmt: skip
     return ForgetResult(built.model, run_report, written)
 
 
@@ -194,6 +206,7 @@ def tune(
     output: PathArgument | None = None,
     force: bool = False,
     report: PathArgument | None = None,
+    plot: PathArgument | None = None,
     method: str = DEFAULT_METHOD,
     depth: str | int = AUTO_DEPTH,
     retain_per_class: int = DEFAULT_RETAIN_PER_CLASS,
@@ -218,19 +231,20 @@ def tune(
     depth `auto` the depth is searched first, at the default α. Each grid point then
     factors the Gram matrices at its α, rewrites the weights of those layers, refits the
     head (with the default method: one more run of the fit samples, through the rewritten
-    model) and runs the validation samples.
+    model) and runs the validation samples. `report` and `plot` are written as by `forget`.
     """
     settings = ForgetOptions.among(locals())
     classes = forget_class_list(forget_classes)
+    if plot is not None:
+        check_matplotlib()
     timer = PhaseTimer()
     with timer("load"):
         opened = OpenedModel.of(model, settings)
     with timer("samples"):
         sample_set = opened.samples(samples)
         written = destination(opened.loaded.path, output, classes)
-        check_run_outputs(
-            opened, written, report, force, sample_set, {"the evaluation samples": eval_samples}
-        )
+        others = {"the evaluation samples": eval_samples}
+        check_run_outputs(opened, written, report, force, sample_set, others, plot)
         fit, validation = validation_split(opened, sample_set, eval_samples)
         retain, forget_indices = choose_sets(opened, sample_set, classes, fit)
     measured = pass_over_samples(
@@ -247,8 +261,9 @@ def tune(
         built = build_model(opened, measured, classes, alphas, timer, depth.layers)
     measured = measured.without_spaces()
     run_report = finish(
-        opened, built, measured, classes, alphas, written, eval_samples, report, timer, grid, depth
-    )
+        opened, built, measured, classes, alphas, written, eval_samples, report, timer,
+        tuning=grid, depth=depth, plot_path=plot,
+    )  # fmt: skip
     return TuneResult(ForgetResult(built.model, run_report, written), grid, best)
 
 
@@ -272,17 +287,31 @@ def collect(
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
+    ray_address: str | None = None,
+    ray_workers: int = 2,
 ) -> ClassStatistics:
     """Gram matrices per statistic and per class, to forget any class later without samples.
 
     Every sample of each class is used unless `per_class` caps them (seeded choice).
     `output` writes the statistics file and `report` its summary as JSON, together.
+    `ray_address` (`local`: a Ray instance started here) runs a folder's samples on Ray
+    with `ray_workers` actors, to the same statistics (the `[ray]` extra).
     """
     settings = ForgetOptions.among(locals())
+    if ray_address is not None and importlib.util.find_spec("ray") is None:
+        raise InstallationError("--ray needs Ray: pip install 'onnx-forget[ray]'")
     opened = OpenedModel.of(model, settings)
     sample_set = opened.samples(samples)
     outputs = {"statistics file": optional_path(output), REPORT_OUTPUT: optional_path(report)}
     check_outputs(outputs, {**opened.inputs, **sample_inputs(sample_set, settings)}, force)
+    if ray_address is not None:
+        from .ray import collect_folder
+
+        statistics = collect_folder(
+            opened, sample_set, ray_address, ray_workers, classes, per_class
+        )
+        _write_statistics(statistics, *outputs.values())
+        return statistics
     present = [int(c) for c in np.unique(sample_set.labels)]
     wanted = present if classes is None else sorted({int(c) for c in classes})
     missing = [c for c in wanted if c not in present]
@@ -300,16 +329,22 @@ def collect(
             accumulator = collector.accumulators[key][str(label)]
             grams[number, label] = accumulator.gram
             vectors[number, label] = accumulator.vectors
-    statistics = ClassStatistics(
+    samples_per_class = {label: len(sets[str(label)]) for label in wanted}
+    statistics = class_statistics(opened, grams, vectors, samples_per_class)
+    _write_statistics(statistics, *outputs.values())
+    return statistics
+
+
+def class_statistics(opened: OpenedModel, grams, vectors, samples_per_class) -> ClassStatistics:
+    """The statistics of a model's run, with the identity and options that shaped them."""
+    return ClassStatistics(
         model_sha256=opened.loaded.sha256,
         statistics=[statistic_id(layer) for layer in statistic_layers(opened.scan.layers)],
-        options=_statistics_options(settings),
-        samples={label: len(sets[str(label)]) for label in wanted},
+        options=_statistics_options(opened.settings),
+        samples=samples_per_class,
         grams=grams,
         vectors=vectors,
     )
-    _write_statistics(statistics, *outputs.values())
-    return statistics
 
 
 def merge(
@@ -339,6 +374,7 @@ def evaluate(
     forget_classes: Iterable[int] | None = None,
     members: Samples | None = None,
     report: PathArgument | None = None,
+    plot: PathArgument | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = DEFAULT_SEED,
     device: str = "auto",
@@ -354,9 +390,11 @@ def evaluate(
     of the forgotten classes' member samples, for the model and the reference.
 
     Forgotten classes default to what the model's metadata records. `report` writes the
-    evaluation as JSON.
+    evaluation as JSON, `plot` a PNG of it (the reference's accuracy as "before").
     """
     settings = ForgetOptions.among(locals())
+    if plot is not None:
+        check_matplotlib()
     opened = OpenedModel.of(model, settings, projected=False)
     other = None if reference is None else OpenedModel.of(reference, settings, projected=False)
     held_out = opened.samples(samples)
@@ -366,7 +404,8 @@ def evaluate(
         **sample_inputs(held_out, settings),
         "the member samples": given_paths(members),
     }
-    check_outputs({REPORT_OUTPUT: optional_path(report)}, inputs, force=False)
+    outputs = {REPORT_OUTPUT: optional_path(report), PLOT_OUTPUT: optional_path(plot)}
+    check_outputs(outputs, inputs, force=False)
     if forget_classes is None:
         forget_classes = _recorded_classes(opened)
     classes = sorted({int(c) for c in forget_classes})
@@ -375,6 +414,7 @@ def evaluate(
     predictions = np.argmax(scores, axis=1)
     result = Evaluation(
         accuracy=Accuracy.of(held_out.labels, predictions, classes),
+        reference_accuracy=None,
         forgotten_classes=classes,
         confusion=confusion(held_out.labels, predictions, classes),
         agreement=None,
@@ -388,6 +428,8 @@ def evaluate(
         held_scores["reference"], held_features["reference"] = scores_and_features(
             other, other.loaded.proto, held_out, everything
         )
+        reference_predictions = np.argmax(held_scores["reference"], axis=1)
+        result.reference_accuracy = Accuracy.of(held_out.labels, reference_predictions, classes)
         result.agreement = agreement(scores[kept], held_scores["reference"][kept])
         result.kl_divergence = mean_kl_divergence(scores[kept], held_scores["reference"][kept])
     probes = {
@@ -406,10 +448,13 @@ def evaluate(
             result.membership[name] = membership_share(
                 member_scores, member_set.labels, held, held_out.labels, classes
             )
-    if report is not None:
-        with OutputFiles() as files:
+    with OutputFiles() as files:
+        if report is not None:
             files.add_text(Path(report), json_text(result.to_dict()))
-            files.commit()
+        if plot is not None:
+            picture = evaluation_picture(result, opened)
+            files.add_file(Path(plot), lambda stream: write_png(picture, stream))
+        files.commit()
     return result
 
 

@@ -30,6 +30,9 @@ ARGUMENT_FLAGS = {
     "per_class": "--per-class",
     "reference": "--reference",
     "members": "--members",
+    "plot": "--plot",
+    "ray_address": "--ray",
+    "ray_workers": "--workers",
 }
 
 

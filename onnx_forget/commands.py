@@ -90,6 +90,13 @@ def _option_groups(*groups: str) -> Callable:
     return apply
 
 
+_plot = click.option(
+    "--plot",
+    type=PATH,
+    help="Draw accuracy before/after, where the forgotten samples go and the probe as a PNG "
+    "here (needs the [plot] extra).",
+)
+
 _reporting = [
     click.option("--report", "report_path", type=PATH, help="Write the result as JSON here."),
     click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
@@ -150,9 +157,10 @@ def cli():
 @click.option("--alpha-f-grid", callback=_float_list, help="α_f values for --tune.")
 @_option_groups(FORGETTING, STATISTICS, RUNNING, LOADING)
 @_reported
+@_plot
 def forget_command(
     model, forget_classes, samples, stats, out, force, eval_samples, tune, alpha_r_grid,
-    alpha_f_grid, report_path, quiet, debug, **options,
+    alpha_f_grid, report_path, quiet, debug, plot, **options,
 ):  # fmt: skip
     """Forget classes of MODEL and write the new model."""
     options = _api_options(options)
@@ -161,6 +169,7 @@ def forget_command(
         "force": force,
         "eval_samples": eval_samples,
         "report": report_path,
+        "plot": plot,
         "progress": not quiet,
     }
     if tune:
@@ -186,11 +195,22 @@ def forget_command(
 @click.option("--force", is_flag=True, help="Replace an existing statistics file.")
 @click.option("--classes", callback=_class_list, help="Only these classes, e.g. 0,1,2.")
 @click.option("--per-class", type=int, help="At most this many samples per class [all].")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    help="Run on the Ray cluster at ADDRESS (alone: a local one); needs the [ray] extra.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Ray actors."
+)
 @_option_groups(STATISTICS, RUNNING, LOADING)
 @_reported
 def collect_command(
-    model, samples, out, force, classes, per_class, report_path, quiet, debug, **options
-):
+    model, samples, out, force, classes, per_class, ray_address, workers, report_path, quiet,
+    debug, **options,
+):  # fmt: skip
     """Run MODEL once over samples and save per-class statistics for later forgetting."""
     statistics = api.collect(
         model,
@@ -200,6 +220,8 @@ def collect_command(
         output=out,
         force=force,
         report=report_path,
+        ray_address=ray_address,
+        ray_workers=workers,
         **_api_options(options),
     )
     _show(quiet, format_statistics(statistics.summary(str(out))))
@@ -230,8 +252,9 @@ def merge_command(parts, out, force, report_path, quiet, debug):
 @click.option("--members", type=PATH, help="Training samples, for the membership-inference check.")
 @_option_groups(RUNNING, LOADING)
 @_reported
+@_plot
 def evaluate_command(
-    model, samples, reference, forget_classes, members, report_path, quiet, debug, **options
+    model, samples, reference, forget_classes, members, report_path, quiet, debug, plot, **options
 ):
     """Accuracy per class, where forgotten samples go, agreement with a reference model."""
     evaluation = api.evaluate(
@@ -241,6 +264,7 @@ def evaluate_command(
         forget_classes=forget_classes,
         members=members,
         report=report_path,
+        plot=plot,
         **_api_options(options),
     )
     _show(quiet, format_evaluation(evaluation))

@@ -20,6 +20,7 @@ from .opened import OpenedModel, PathArgument, Samples
 from .options import AUTO_DEPTH, METHODS, ForgetOptions
 from .outputs import OutputFiles, needs_external_data
 from .passes import SamplePass
+from .plot import forget_picture, write_png
 from .probe import readability, scores_and_features
 from .repair import repair_head
 from .report import Comparison, Report, layer_rows
@@ -128,10 +129,11 @@ def finish(
     timer: PhaseTimer,
     tuning: list[dict] | None = None,
     depth: DepthChoice | None = None,
+    plot_path: PathArgument | None = None,
 ) -> Report:
-    """Evaluate the `built` model and its weight copies, then stage and verify the model
-    and the report and rename both into place. Evaluating first means a bad evaluation
-    file or a Ctrl-C while evaluating leaves no output behind."""
+    """Evaluate the `built` model and its weight copies, then stage and verify the model,
+    the report and the plot and rename them into place. Evaluating first means a bad
+    evaluation file or a Ctrl-C while evaluating leaves no output behind."""
     new_model, copies, rescaled_channels = built
     with timer("evaluate"):
         comparisons, where, membership, probe = compare(
@@ -172,6 +174,9 @@ def finish(
         )
         if report_path is not None:
             files.add_text(Path(report_path), json_text(report.to_dict()))
+        if plot_path is not None:
+            picture = forget_picture(report, opened)
+            files.add_file(Path(plot_path), lambda stream: write_png(picture, stream))
         files.commit()
     return report
 

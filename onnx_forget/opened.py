@@ -19,7 +19,7 @@ from .layer_scan import Head, LayerScan, find_head, scan_layers
 from .metrics import class_scores
 from .modelio import LoadedModel, load_model
 from .options import ForgetOptions
-from .outputs import MODEL_OUTPUT, REPORT_OUTPUT, check_outputs
+from .outputs import MODEL_OUTPUT, PLOT_OUTPUT, REPORT_OUTPUT, check_outputs
 from .runtime import Runner, open_runner
 from .samples import SampleSet, open_samples
 from .selection import select_samples, split_validation
@@ -165,6 +165,7 @@ def check_run_outputs(
     force: bool,
     sample_set: SampleSet | None,
     others: dict[str, object],
+    plot: PathArgument | None = None,
 ) -> None:
     """Refuse a forget run's outputs that cannot be written or are one of its inputs;
     `others` names the run's other inputs (paths, or arrays that are none)."""
@@ -173,7 +174,12 @@ def check_run_outputs(
         **(sample_inputs(sample_set, opened.settings) if sample_set else {}),
         **{role: given_paths(value) for role, value in others.items()},
     }
-    check_outputs({MODEL_OUTPUT: written, REPORT_OUTPUT: optional_path(report)}, inputs, force)
+    outputs = {
+        MODEL_OUTPUT: written,
+        REPORT_OUTPUT: optional_path(report),
+        PLOT_OUTPUT: optional_path(plot),
+    }
+    check_outputs(outputs, inputs, force)
 
 
 def sample_inputs(sample_set: SampleSet, settings: ForgetOptions) -> dict[str, tuple[Path, ...]]:

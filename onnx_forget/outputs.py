@@ -23,10 +23,12 @@ PROTOBUF_LIMIT = 2**31 - 1
 PLAIN_FILE_MODE = 0o666
 # Staged files and folders: hidden, and named so a leftover is recognisable.
 STAGING_PREFIX = ".onnx-forget-"
-# Roles in `check_outputs`: a model's external-data side files go with it; a report may
-# replace an existing file without `force`, as logs do.
+# Roles in `check_outputs`: a model's external-data side files go with it; a report or a
+# plot may replace an existing file without `force`, as logs do.
 MODEL_OUTPUT = "new model"
 REPORT_OUTPUT = "report"
+PLOT_OUTPUT = "plot"
+REPLACED_WITHOUT_FORCE = (REPORT_OUTPUT, PLOT_OUTPUT)
 
 
 def check_outputs(
@@ -40,7 +42,7 @@ def check_outputs(
     MODEL_OUTPUT also replaces its side files (`side_files`). An output clashes with an
     input it names through any path, link or hard link, with a file inside an input
     folder, and with another output. A clash is refused whatever `force` says; `force`
-    only allows replacing an existing file that is no input (a report needs no `force`).
+    only allows replacing an existing file that is no input (a report or plot needs none).
     """
     written: list[tuple[str, Path]] = []
     for role, path in outputs.items():
@@ -50,7 +52,7 @@ def check_outputs(
             raise InputError(f"{path}: is a folder, not a file name (the {role})")
         if not path.parent.is_dir():
             raise InputError(f"{path.parent}: folder of the {role} does not exist")
-        if path.exists() and not (force or role == REPORT_OUTPUT):
+        if path.exists() and not (force or role in REPLACED_WITHOUT_FORCE):
             raise InputError(f"{path}: already exists (use force to replace it)", ("force",))
         replaced = [path, *side_files(path)] if role == MODEL_OUTPUT else [path]
         for target in replaced:

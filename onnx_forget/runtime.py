@@ -117,13 +117,12 @@ class Runner:
         `runs_ahead`, runs them too (two batches of outputs). A fixed-batch model gets its
         last batch padded with copies of the first sample, cut from every output before it
         is yielded. Under a memory budget, the first run ever is of one sample, to size the
-        batches.
+        batches; its outputs are dropped, so batches are cut the same way whatever memory
+        there is (statistics collected in parts then add up to the same float32 sums).
         """
         if self.memory_budget and not self._sized and len(indices):
-            first, indices = indices[:1], indices[1:]
-            outputs = self._outputs(output_names, load(first), 1)
+            outputs = self._outputs(output_names, load(indices[:1]), 1)
             self._fit_batch(sum(output.nbytes for output in outputs))
-            yield first, outputs
             del outputs
         size = self.batch_size
         batches = [indices[start : start + size] for start in range(0, len(indices), size)]
