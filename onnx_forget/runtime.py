@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -149,11 +151,11 @@ class Runner:
             worker.shutdown(wait=False, cancel_futures=True)
 
     def _fit_batch(self, bytes_per_sample: int) -> None:
-        """Shrink the batch so that, over the memory this process has used so far,
+        """Shrink the batch so that, over the memory this process uses now,
         OUTPUT_COPIES batches of outputs fit in the budget: onnxruntime's working tensors,
         the outputs handed over, and the batch prepared after them."""
         self._sized = True
-        in_use = peak_memory()
+        in_use = memory_in_use()
         room = max(0, self.memory_budget - in_use)
         fits = max(1, room // (OUTPUT_COPIES * max(1, bytes_per_sample)))
         if self.fixed_batch or fits >= self.batch_size:
@@ -236,9 +238,15 @@ def _drop_padding(output: np.ndarray, real: int, padded: int) -> np.ndarray:
     return output[: real * (output.shape[0] // padded)]
 
 
-def peak_memory() -> int:
-    """The most resident memory this process has used so far, in bytes (0 where the
-    platform does not say)."""
+def memory_in_use() -> int:
+    """The resident memory of this process now, in bytes: from /proc on Linux, else the
+    most it has used so far (0 where the platform says neither). Not the peak where it
+    can be helped: an earlier run's peak would starve every later run in the process."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
     try:
         import resource
     except ImportError:  # Windows

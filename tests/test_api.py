@@ -12,6 +12,7 @@ from onnx import TensorProto, numpy_helper
 
 import onnx_forget
 from onnx_forget.errors import InputError, VerificationError
+from onnx_forget.runtime import memory_in_use
 from tests import models
 from tests.helpers import HELD_OUT, MODEL, SAMPLES, external_model, run_model, save_model
 from tests.models import ON_CPU, float_weights, largest_relative_difference
@@ -307,3 +308,15 @@ def test_a_memory_bound_shrinks_the_batches_not_the_result():
         float_weights(bounded.model), float_weights(default.model)
     )
     assert difference < BATCHING_TOLERANCE
+
+
+def test_batches_are_sized_by_the_memory_in_use_not_an_earlier_peak():
+    """A run's batch size must not starve because an earlier run in the same process
+    peaked high: the memory in use falls back when a large array is freed."""
+    before = memory_in_use()
+    large = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    during = memory_in_use()
+    del large
+    after = memory_in_use()
+    assert during - before > 250 * 2**20
+    assert during - after > 250 * 2**20
