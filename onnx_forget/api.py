@@ -67,7 +67,7 @@ from .passes import pass_from_statistics, pass_over_samples, tapped_pass
 from .plot import check_matplotlib, evaluation_picture, write_png
 from .probe import Readability, readability, scores_and_features
 from .report import Report
-from .selection import choose_from_class
+from .selection import choose_from_class, wanted_classes
 from .timing import PhaseTimer
 
 # docs/method.md: the grid the paper searched, scored by retain_acc * (100 - forget_acc).
@@ -304,22 +304,24 @@ def collect(
     sample_set = opened.samples(samples)
     outputs = {"statistics file": optional_path(output), REPORT_OUTPUT: optional_path(report)}
     check_outputs(outputs, {**opened.inputs, **sample_inputs(sample_set, settings)}, force)
-    if ray_address is not None:
+    if ray_address is None:
+        statistics = _collect_here(opened, sample_set, classes, per_class)
+    else:
         from .ray import collect_folder
 
         statistics = collect_folder(
             opened, sample_set, ray_address, ray_workers, classes, per_class
         )
-        _write_statistics(statistics, *outputs.values())
-        return statistics
-    present = [int(c) for c in np.unique(sample_set.labels)]
-    wanted = present if classes is None else sorted({int(c) for c in classes})
-    missing = [c for c in wanted if c not in present]
-    if missing:
-        raise InputError(f"{sample_set.origin}: no samples of class {missing[0]}")
+    _write_statistics(statistics, *outputs.values())
+    return statistics
+
+
+def _collect_here(opened: OpenedModel, sample_set, classes, per_class) -> ClassStatistics:
+    """`collect` in this process: one pass of the tapped model, a set per class."""
+    wanted = wanted_classes(sample_set.labels, classes, sample_set.origin)
     cap = per_class if per_class is not None else len(sample_set)
     sets = {
-        str(label): choose_from_class(sample_set.labels, label, cap, settings.seed)
+        str(label): choose_from_class(sample_set.labels, label, cap, opened.settings.seed)
         for label in wanted
     }
     collector, _ = tapped_pass(opened, opened.tapped_runner(), sample_set, sets)
@@ -330,9 +332,7 @@ def collect(
             grams[number, label] = accumulator.gram
             vectors[number, label] = accumulator.vectors
     samples_per_class = {label: len(sets[str(label)]) for label in wanted}
-    statistics = class_statistics(opened, grams, vectors, samples_per_class)
-    _write_statistics(statistics, *outputs.values())
-    return statistics
+    return class_statistics(opened, grams, vectors, samples_per_class)
 
 
 def class_statistics(opened: OpenedModel, grams, vectors, samples_per_class) -> ClassStatistics:

@@ -36,7 +36,7 @@ from .options import (
 )
 from .runtime import quiet_onnxruntime
 from .samples import SampleSet, image_format
-from .selection import choose_from_class
+from .selection import choose_from_class, wanted_classes
 
 LABEL, PATH, ARRAY, ID = "label", "path", "x", "id"  # the dataset's columns
 ORDINAL, CHUNK = "ordinal", "chunk"  # a sample's place in its class, and its batch there
@@ -155,13 +155,8 @@ def _class_order(dataset, key: str, classes, per_class, seed) -> dict[int, np.nd
     sorted, then cut to `per_class` by the seeded choice `collect` makes."""
     table = dataset.select_columns([LABEL, key]).to_pandas()
     labels, keys = table[LABEL].to_numpy(np.int64), table[key].to_numpy()
-    present = sorted(int(c) for c in np.unique(labels))
-    wanted = present if classes is None else sorted({int(c) for c in classes})
-    missing = [c for c in wanted if c not in present]
-    if missing:
-        raise InputError(f"the dataset has no samples of class {missing[0]}")
     order = {}
-    for label in wanted:
+    for label in wanted_classes(labels, classes, "the Ray dataset"):
         members = np.sort(keys[labels == label])
         cap = per_class if per_class is not None else len(members)
         order[label] = members[choose_from_class(np.full(len(members), label), label, cap, seed)]

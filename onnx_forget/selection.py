@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from .errors import InputError
 
 
 def choose_from_class(labels: np.ndarray, label: int, count: int, seed: int) -> np.ndarray:
@@ -18,6 +20,17 @@ def choose_from_class(labels: np.ndarray, label: int, count: int, seed: int) -> 
         return members
     rng = np.random.default_rng([seed, int(label)])
     return np.sort(rng.choice(members, size=count, replace=False))
+
+
+def wanted_classes(labels: np.ndarray, classes: Iterable[int] | None, origin: str) -> list[int]:
+    """The classes a collection takes: `classes`, sorted, or every one present; a wanted
+    class without samples is refused."""
+    present = sorted(int(c) for c in np.unique(labels))
+    wanted = present if classes is None else sorted({int(c) for c in classes})
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise InputError(f"{origin}: no samples of class {missing[0]}")
+    return wanted
 
 
 def select_samples(
