@@ -57,9 +57,10 @@ class OpenedModel:
             raise UnsupportedModelError(f"{loaded.where}: {error}", error.options) from None
         return cls(loaded, signature, scan, settings)
 
-    def runner(self, model: onnx.ModelProto) -> Runner:
+    def runner(self, model: onnx.ModelProto, memory_budget: int | None = None) -> Runner:
         """A session on `model` (this one or a rewritten copy) as the options ask; for a
-        fixed-batch model, on a copy with a symbolic batch when that gives its outputs."""
+        fixed-batch model, on a copy with a symbolic batch when that gives its outputs.
+        `memory_budget` sizes the batches to it (`Runner.memory_budget`)."""
         fixed_batch = self.signature.fixed_batch
         if fixed_batch is not None and self.fixed_batch_kept is None:
             model, fixed_batch = symbolic_batch(model, self.signature), None
@@ -70,7 +71,7 @@ class OpenedModel:
                 self.settings.batch_size,
                 fixed_batch,
                 self.signature.input_name,
-                self.settings.max_memory,
+                memory_budget,
             )
         except UnsupportedModelError as error:  # name the file the user gave
             raise UnsupportedModelError(f"{self.loaded.where}: {error}", error.options) from None
@@ -84,9 +85,10 @@ class OpenedModel:
         return batch_check(self.loaded.proto, self.signature)
 
     def tapped_runner(self, also: tuple[tuple[str, np.dtype], ...] = ()) -> Runner:
-        """A session on the model with every layer's input (and `also`) as outputs."""
+        """A session on the model with every layer's input (and `also`) as outputs, its
+        batches sized to `--max-memory`: the taps are what fills the memory."""
         tapped = add_taps(self.loaded.proto, self.scan.layers, self.signature.scores_name, also)
-        return self.runner(tapped)
+        return self.runner(tapped, self.settings.max_memory)
 
     def samples(self, source: Samples) -> SampleSet:
         return open_samples(

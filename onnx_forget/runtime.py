@@ -122,7 +122,7 @@ class Runner:
         batches; its outputs are dropped, so batches are cut the same way whatever memory
         there is (statistics collected in parts then add up to the same float32 sums).
         """
-        if self.memory_budget and not self._sized and len(indices):
+        if self.memory_budget and not self.fixed_batch and not self._sized and len(indices):
             outputs = self._outputs(output_names, load(indices[:1]), 1)
             self._fit_batch(sum(output.nbytes for output in outputs))
             del outputs
@@ -158,7 +158,7 @@ class Runner:
         in_use = memory_in_use()
         room = max(0, self.memory_budget - in_use)
         fits = max(1, room // (OUTPUT_COPIES * max(1, bytes_per_sample)))
-        if self.fixed_batch or fits >= self.batch_size:
+        if fits >= self.batch_size:
             return
         self.batch_reason = (
             f"--max-memory {self.memory_budget / 2**20:.0f} MiB: {in_use / 2**20:.0f} MiB in "
