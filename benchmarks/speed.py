@@ -55,7 +55,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
 import onnx_forget
-from onnx_forget.gram import conv_windows, numpy_gram, statistic_layers
+from onnx_forget.gram import numpy_gram_update, output_shape, statistic_layers
 from onnx_forget.options import DEFAULT_ALPHA_F, DEFAULT_ALPHA_R, DEFAULT_MAX_PATCHES
 from onnx_forget.runtime import CPU, CUDA, session_providers
 
@@ -475,7 +475,7 @@ def gram_floor(model: Path, x, args) -> dict[str, float]:
     """What collection cannot go below with this statistics choice: the Gram
     multiply-adds of the run's retain and forget sets (each class's rows, its conv patches
     capped at the patch budget) and this machine's rate for them, measured now on the same
-    numpy product the run uses."""
+    numpy update the run uses."""
     layers = statistic_layers(onnx_forget.layers(model).layers)
     proto = onnx.load(str(model))
     session = tapped_session(proto, [layer.input for layer in layers], PROVIDERS[args.device])
@@ -486,17 +486,17 @@ def gram_floor(model: Path, x, args) -> dict[str, float]:
         if layer.geometry is None:
             rows = value.size // layer.input_size  # rows per sample
         else:
-            windows = conv_windows(value, layer.geometry)
-            rows = math.prod(windows.shape[2 : 2 + len(layer.geometry.kernel)])
+            rows = math.prod(output_shape(value.shape[2:], layer.geometry))
         kept = sum(
             min(n * rows, DEFAULT_MAX_PATCHES) if layer.geometry else n * rows for n in per_class
         )
         multiply_adds += kept * layer.groups * layer.input_size**2
     sample = np.random.default_rng(SEED).standard_normal((1, 8192, 1152), np.float32)
+    sums = np.zeros((1, 1152, 1152), np.float32)
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        numpy_gram(sample)
+        numpy_gram_update(sample, sums)
         times.append(time.perf_counter() - start)
     rate = sample.shape[1] * sample.shape[2] ** 2 / float(np.median(times))
     return {"multiply_adds": multiply_adds, "rate": rate}

@@ -6,26 +6,36 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+import scipy.linalg
 
 from .errors import UnsupportedModelError
 from .integer_layers import dequantized
 from .layer_scan import ConvGeometry, Layer
 
-# `rows[g]^T rows[g]` for float32 rows `[groups, n, d]`, as float32 `[groups, d, d]`.
-GramProducts = Callable[[np.ndarray], np.ndarray]
+# Vectors whose products are summed in the rows' precision before that sum joins the
+# float64 total. A float32 matrix product already sums thousands of terms in float32; a
+# run this long agrees with a float64 Gram matrix to about 1e-6 relative, and adds the
+# d x d running sum into the total once per run instead of once per batch: at d = 4608
+# that addition costs as much as the batch's own product.
+RUN_VECTORS = 16_384
+
+MIRROR_BLOCK = 256  # rows per step when a triangle is mirrored: a cached transposed copy
+
+# Adds `rows[g]^T rows[g]` of rows `[groups, n, d]` into `sums[g]` (`[groups, d, d]`, the
+# rows' dtype); only each sum's lower triangle need come out right.
+GramUpdate = Callable[[np.ndarray, np.ndarray], None]
 
 
-def numpy_gram(rows: np.ndarray) -> np.ndarray:
-    """`rows[g]^T rows[g]` in the rows' own precision.
-
-    Float32 products summed in float64 by the caller are twice as fast as float64 ones,
-    and the Gram matrix still agrees with a float64 one to about 3e-7 relative, the
-    projected weights to about 1e-9.
-    """
-    if len(rows) == 1:  # numpy computes a 2-D `A^T A` as one symmetric update (syrk)
-        return (rows[0].T @ rows[0])[None]
-    return rows.transpose(0, 2, 1) @ rows
+def numpy_gram_update(rows: np.ndarray, sums: np.ndarray) -> None:
+    """`sums[g] += rows[g]^T rows[g]`, by BLAS on the host."""
+    if len(rows) == 1:
+        # One symmetric rank-n update straight into the running sum: half a product's
+        # flops, and no d x d product to allocate and add. The C-ordered sum is the
+        # Fortran-ordered transpose BLAS updates in place, its upper triangle our lower.
+        syrk = scipy.linalg.blas.get_blas_funcs("syrk", (rows,))
+        syrk(1.0, rows[0].T, beta=1.0, c=sums[0].T, lower=0, overwrite_c=True)
+    else:
+        sums += rows.transpose(0, 2, 1) @ rows
 
 
 class GramAccumulator:
@@ -44,9 +54,9 @@ class GramAccumulator:
         labels: np.ndarray,
         budget: int,
         seed: tuple[int, int],
-        products: GramProducts | None = None,
+        update: GramUpdate | None = None,
     ):
-        self.products = products or numpy_gram  # for float32 rows: the GPU's, or numpy's
+        self.update = update or numpy_gram_update  # for float32 rows: the GPU's, or numpy's
         self.geometry = layer.geometry
         self.dequantization = layer.input_dequantization
         self.groups = layer.groups
@@ -56,8 +66,13 @@ class GramAccumulator:
         self.class_sizes = dict(zip(*np.unique(labels, return_counts=True)))
         self.budget = budget
         self.seed = seed
-        self.gram = np.zeros((self.groups, self.input_size, self.input_size), dtype=np.float64)
+        # Sums of lower triangles, until `gram` is read: the float64 total of the runs
+        # ended so far, and the current run's sum in the rows' precision.
+        self.total: np.ndarray | None = None
+        self.running: np.ndarray | None = None
+        self.running_vectors = 0
         self.vectors = 0
+        self.ended = False  # `gram` was read
         self._chosen: dict[int, np.ndarray] = {}  # class -> sorted flat (sample, position)
 
     def add(
@@ -67,27 +82,74 @@ class GramAccumulator:
         (`tapped`: the batch's other tensors, a run-time quantization's scale among them)."""
         values = dequantized(values, self.dequantization, tapped)  # what an integer layer sees
         if self.geometry is None:
-            rows = values.reshape(-1, self.input_size)[:, None, :]
+            rows = values.reshape(-1, 1, self.input_size)
         else:
             rows = self._patches(values, first_sample)
-        # The batch's products in float32 at least (float16 activations are widened),
-        # summed in float64.
+        # The batch's products in float32 at least (float16 activations are widened).
         rows = rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
-        by_group = rows.transpose(1, 0, 2)  # [groups, n, d]
-        products = self.products if rows.dtype == np.float32 else numpy_gram
-        self.gram += products(by_group)
-        self.vectors += rows.shape[0]
+        if self.running is None:
+            shape = (self.groups, self.input_size, self.input_size)
+            self.running = np.zeros(shape, dtype=rows.dtype)
+        update = self.update if rows.dtype == np.float32 else numpy_gram_update
+        update(rows.transpose(1, 0, 2), self.running)  # [groups, n, d]
+        self.running_vectors += len(rows)
+        self.vectors += len(rows)
+        if self.running_vectors >= RUN_VECTORS:
+            self._end_run()
+
+    def _end_run(self) -> None:
+        """Add this run's sum into the float64 total, conv patches reordered from gather
+        order to the weight's as they are added."""
+        _mirror_lower_triangle(self.running)
+        if self.total is None:
+            self.total = np.zeros(self.running.shape, dtype=np.float64)
+        run, total = self.running, self.total
+        if self.geometry is not None:
+            # A patch gathered as `(*kernel, channel)` indexes the weight's
+            # `(channel, *kernel)` input order with its two axes swapped.
+            taps = math.prod(self.geometry.kernel)
+            per_tap = self.input_size // taps
+            run = run.reshape(self.groups, taps, per_tap, taps, per_tap)
+            run = run.transpose(0, 2, 1, 4, 3)
+            total = total.reshape(self.groups, per_tap, taps, per_tap, taps)
+        total += run
+        self.running, self.running_vectors = None, 0
+
+    @property
+    def gram(self) -> np.ndarray:
+        """The set's Gram matrices `[groups, d, d]` in float64. Reading them ends the
+        accumulation."""
+        if not self.ended:
+            if self.running is not None:
+                self._end_run()
+            if self.total is None:  # a set with no vectors
+                self.total = np.zeros((self.groups, self.input_size, self.input_size))
+            self.ended = True
+        return self.total
 
     def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:
-        """Patches `[n, groups, d]` of this batch: all of them, or the sampled ones."""
-        windows = conv_windows(values, self.geometry)  # [n, C, *out, *kernel]
+        """Patches `[n, groups, d]` of this batch, all or the sampled ones, in
+        `(*kernel, channel)` order: runs of contiguous channels gathered from the input
+        moved channels-last. `_end_run` puts the sums in the weight's order."""
         spatial = len(self.geometry.kernel)
-        out_shape = windows.shape[2 : 2 + spatial]
-        positions = math.prod(out_shape)
+        grid = _PaddedGrid(values, self.geometry)
+        positions = math.prod(grid.out_shape)
         if self.budget == 0:
-            order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
-            return windows.transpose(order).reshape(-1, self.groups, self.input_size)
-        batch = slice(first_sample, first_sample + len(values))
+            samples = np.repeat(np.arange(len(values)), positions)
+            position = np.tile(np.arange(positions), len(values))
+        else:
+            samples, position = self._sampled(first_sample, len(values), positions)
+        corners = np.unravel_index(position, grid.out_shape)
+        starts = samples * grid.cells
+        for axis in range(spatial):
+            starts += corners[axis] * (self.geometry.strides[axis] * grid.steps[axis])
+        rows = grid.cells_by_channel[starts[:, None] + grid.kernel_offsets]  # [n, k, C]
+        per_group = rows.reshape(len(starts), rows.shape[1], self.groups, -1)
+        return per_group.transpose(0, 2, 1, 3).reshape(len(starts), self.groups, -1)
+
+    def _sampled(self, first_sample: int, count: int, positions: int):
+        """Batch rows and output positions of this batch's share of each class's draw."""
+        batch = slice(first_sample, first_sample + count)
         labels, ordinals = self.labels[batch], self.ordinals[batch]
         samples, coords = [], []
         for label in np.unique(labels):
@@ -98,11 +160,7 @@ class GramAccumulator:
             member, position = np.divmod(chosen[start:stop] - first, positions)
             samples.append(members[member])
             coords.append(position)
-        position = np.concatenate(coords)
-        picked = windows[
-            (np.concatenate(samples), slice(None), *np.unravel_index(position, out_shape))
-        ]
-        return picked.reshape(len(position), self.groups, self.input_size)
+        return np.concatenate(samples), np.concatenate(coords)
 
     def _chosen_for(self, label: int, positions: int) -> np.ndarray:
         """The class's sampled flat indices, drawn once the positions per sample are known."""
@@ -116,6 +174,55 @@ class GramAccumulator:
         return self._chosen[label]
 
 
+class _PaddedGrid:
+    """A conv's input `[N, C, *sizes]` padded as the convolution sees it (zeros) and moved
+    channels-last, `cells_by_channel` `[N * cells, C]`, with where each patch's kernel
+    taps sit relative to its corner."""
+
+    def __init__(self, values: np.ndarray, geometry: ConvGeometry):
+        spatial = len(geometry.kernel)
+        sizes = values.shape[2:]
+        pads = conv_pads(sizes, _reach(geometry), geometry)
+        padded = np.pad(
+            np.moveaxis(values, 1, -1), [(0, 0), *zip(pads[:spatial], pads[spatial:]), (0, 0)]
+        )
+        padded_sizes = padded.shape[1:-1]
+        self.out_shape = output_shape(sizes, geometry)
+        self.cells = math.prod(padded_sizes)
+        self.steps = [math.prod(padded_sizes[axis + 1 :]) for axis in range(spatial)]
+        self.cells_by_channel = padded.reshape(-1, values.shape[1])
+        taps = np.indices(geometry.kernel).reshape(spatial, -1)  # [spatial, k], row-major
+        self.kernel_offsets = sum(
+            taps[axis] * (geometry.dilations[axis] * self.steps[axis]) for axis in range(spatial)
+        )
+
+
+def output_shape(sizes: tuple[int, ...], geometry: ConvGeometry) -> tuple[int, ...]:
+    """The conv's output grid over an input grid of `sizes`."""
+    reach = _reach(geometry)
+    pads = conv_pads(sizes, reach, geometry)
+    spatial = len(sizes)
+    return tuple(
+        (size + pads[axis] + pads[spatial + axis] - reach[axis]) // geometry.strides[axis] + 1
+        for axis, size in enumerate(sizes)
+    )
+
+
+def _reach(geometry: ConvGeometry) -> list[int]:
+    """The kernel's extent along each axis, dilations included."""
+    return [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
+
+
+def _mirror_lower_triangle(matrices: np.ndarray) -> None:
+    """Copy each matrix's lower triangle onto its upper one, in place, in blocks of rows."""
+    size = matrices.shape[-1]
+    for start in range(0, size, MIRROR_BLOCK):
+        stop = start + MIRROR_BLOCK
+        matrices[:, start:stop, stop:] = matrices[:, stop:, start:stop].transpose(0, 2, 1)
+        block = matrices[:, start:stop, start:stop]
+        block[...] = np.tril(block) + np.tril(block, -1).transpose(0, 2, 1)
+
+
 def _ordinals(labels: np.ndarray) -> np.ndarray:
     """For each sample, how many samples of its class come before it."""
     ordinals = np.empty(len(labels), dtype=np.int64)
@@ -123,24 +230,6 @@ def _ordinals(labels: np.ndarray) -> np.ndarray:
         members = labels == label
         ordinals[members] = np.arange(np.count_nonzero(members))
     return ordinals
-
-
-def conv_windows(values: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """A view `[N, C, *out, *kernel]` of every receptive field of a conv's input.
-
-    Follows ONNX Conv: explicit `pads` or `auto_pad`, then strides on the output grid and
-    dilations inside the kernel. Padding is zeros, as the convolution sees it.
-    """
-    spatial = len(geometry.kernel)
-    sizes = values.shape[2:]
-    reach = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
-    pads = conv_pads(sizes, reach, geometry)
-    padded = np.pad(values, [(0, 0), (0, 0), *zip(pads[:spatial], pads[spatial:])])
-    axes = tuple(range(2, 2 + spatial))
-    windows = sliding_window_view(padded, reach, axis=axes)
-    strided = (slice(None), slice(None), *tuple(slice(None, None, s) for s in geometry.strides))
-    dilated = tuple(slice(None, None, d) for d in geometry.dilations)
-    return windows[strided + dilated]
 
 
 def conv_pads(sizes, reach, geometry: ConvGeometry) -> tuple[int, ...]:
@@ -169,12 +258,12 @@ class StatisticsCollector:
         set_labels: dict[str, np.ndarray],
         max_patches: int,
         seed: int,
-        products: GramProducts | None = None,
+        update: GramUpdate | None = None,
     ):
         self.accumulators: dict[tuple, dict[str, GramAccumulator]] = {}
         for number, layer in enumerate(statistic_layers(layers)):
             self.accumulators[layer.statistic_key] = {
-                name: GramAccumulator(layer, labels, max_patches, (seed, number), products)
+                name: GramAccumulator(layer, labels, max_patches, (seed, number), update)
                 for name, labels in set_labels.items()
             }
 

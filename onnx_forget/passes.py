@@ -78,7 +78,7 @@ def tapped_pass(
         {name: sample_set.labels[indices] for name, indices in sets.items()},
         settings.max_patches,
         settings.seed,
-        runner.gram_products,
+        runner.gram_update,
     )
     outputs = [o.name for o in runner.session.get_outputs()]
     scores_name = opened.signature.scores_name
@@ -127,10 +127,10 @@ def pass_over_samples(
         collector, kept = tapped_pass(
             opened, runner, sample_set, {RETAIN: retain, FORGET: forget}, kept
         )
-    spaces = {
-        key: SpacePair(collector.gram(key, RETAIN), collector.gram(key, FORGET))
-        for key in collector.accumulators
-    }
+        spaces = {  # reading the Gram matrices ends their last float32 runs
+            key: SpacePair(collector.gram(key, RETAIN), collector.gram(key, FORGET))
+            for key in collector.accumulators
+        }
 
     def both(key: str) -> np.ndarray | None:
         if key not in kept[RETAIN]:

@@ -203,7 +203,7 @@ class _ChunkGrams:
             {"class": np.full(self.sizes[label], label)},
             settings.max_patches,
             settings.seed,
-            self.runner.gram_products,
+            self.runner.gram_update,
         )
         samples = self._samples(chunk, order)
         done = int(ordinals[0])

@@ -20,7 +20,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from .cores import usable_cores
 from .errors import InputError, UnsupportedModelError
-from .gram import GramProducts, numpy_gram
+from .gram import GramUpdate, numpy_gram_update
 from .modelio import all_tensors
 
 CPU = "CPUExecutionProvider"
@@ -90,7 +90,7 @@ class Runner:
     memory_budget: int | None = None
     batch_reason: str = "--batch-size"  # why `batch_size` is what it is
     _sized: bool = field(default=False, init=False, repr=False)
-    _cuda_gram: GramProducts | None = field(default=None, init=False, repr=False)
+    _cuda_gram: GramUpdate | None = field(default=None, init=False, repr=False)
     _switching: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -167,20 +167,21 @@ class Runner:
         )
         self.batch_size = int(fits)
 
-    def gram_products(self, rows: np.ndarray) -> np.ndarray:
-        """`rows[g]^T rows[g]` of float32 rows: on the GPU while the session runs on CUDA
-        (these products outweigh the forward pass itself, ResNet-18: 1.0e12 multiply-adds
-        against 1.7e11), else numpy's. Under `auto`, a CUDA failure here also moves the
-        run to the CPU."""
+    def gram_update(self, rows: np.ndarray, sums: np.ndarray) -> None:
+        """`sums[g] += rows[g]^T rows[g]` of float32 rows: on the GPU while the session runs
+        on CUDA (these products outweigh the forward pass itself, ResNet-18: 1.0e12
+        multiply-adds against 1.7e11), else numpy's. Under `auto`, a CUDA failure here also
+        moves the run to the CPU."""
         if self.provider == CUDA:
             try:
                 if self._cuda_gram is None:
                     self._cuda_gram = onnxruntime_gram(CUDA)
-                return self._cuda_gram(rows)
+                self._cuda_gram(rows, sums)
+                return
             except UnsupportedModelError as error:
                 if not self._give_up_cuda(str(error)):
                     raise
-        return numpy_gram(rows)
+        numpy_gram_update(rows, sums)
 
     def _outputs(self, output_names: list[str] | None, inputs: np.ndarray, real: int):
         """One batch through the session, padded to the fixed batch size where there is one;
@@ -443,21 +444,22 @@ def session_providers(provider: str) -> dict:
     return {"providers": [CPU]}
 
 
-def onnxruntime_gram(provider: str) -> GramProducts:
-    """`rows[g]^T rows[g]` for float32 rows `[groups, n, d]`, by onnxruntime on `provider`."""
+def onnxruntime_gram(provider: str) -> GramUpdate:
+    """`sums[g] += rows[g]^T rows[g]` for float32 rows `[groups, n, d]`, the products by
+    onnxruntime on `provider`."""
     session = _session(_gram_model(), session_options(), provider)
 
-    def products(rows: np.ndarray) -> np.ndarray:
+    def update(rows: np.ndarray, sums: np.ndarray) -> None:
         try:
             # onnxruntime takes C-ordered arrays only: a grouped layer's `[groups, n, d]`
             # view of `[n, groups, d]` patches is copied once here.
-            return session.run(None, {"rows": np.ascontiguousarray(rows)})[0]
+            sums += session.run(None, {"rows": np.ascontiguousarray(rows)})[0]
         except ORT_ERRORS as error:
             raise UnsupportedModelError(
                 f"onnxruntime ({provider}) failed on a Gram matrix: {_first_line(error)}"
             ) from None
 
-    return products
+    return update
 
 
 def _gram_model() -> bytes:

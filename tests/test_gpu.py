@@ -80,13 +80,13 @@ def test_gram_products_through_onnxruntime_equal_numpys(budget):
     inputs = np.random.default_rng(0).normal(size=(12, *models.MIXED_INPUT)).astype(np.float32)
     groups_seen, on_cpu = set(), onnxruntime_gram(CPU)
 
-    def products(rows: np.ndarray) -> np.ndarray:
+    def update(rows: np.ndarray, sums: np.ndarray) -> None:
         groups_seen.add(len(rows))
-        return on_cpu(rows)
+        on_cpu(rows, sums)
 
     through_numpy = StatisticsCollector(layers, {"set": labels}, budget, seed=0)
     through_onnxruntime = StatisticsCollector(
-        layers, {"set": labels}, budget, seed=0, products=products
+        layers, {"set": labels}, budget, seed=0, update=update
     )
     for first, batch in ((0, inputs[:5]), (5, inputs[5:])):  # batches of 5 and 7
         tapped = dict(zip(names, session.run(None, {"input": batch})))

@@ -27,12 +27,13 @@ def _largest_gram_difference(a, b) -> float:
 
 
 def test_ray_statistics_equal_collect_and_forget_the_same(cluster, tmp_path):
-    """Every patch: equal to 1e-9 (a chunk of a class is the batch `collect` runs); the
-    paper's method from them gives the model forgetting from the samples gives."""
+    """Every patch: equal to float32 rounding (a Ray chunk ends a float32 run of sums,
+    `collect` runs on across its batches); the paper's method from them gives the model
+    forgetting from the samples gives."""
     dataset = forget_ray.folder_dataset(SAMPLES, MODEL)
     on_ray = forget_ray.collect(dataset, MODEL, max_patches=0, workers=2)
     alone = onnx_forget.collect(MODEL, SAMPLES, max_patches=0)
-    assert _largest_gram_difference(on_ray, alone) <= 1e-9
+    assert _largest_gram_difference(on_ray, alone) <= 1e-6
     from_ray = onnx_forget.forget(MODEL, 3, stats=on_ray, output=tmp_path / "a.onnx")
     from_samples = onnx_forget.forget(
         MODEL, 3, SAMPLES, method="paper", max_patches=0, output=tmp_path / "b.onnx"
