@@ -4,15 +4,21 @@ eigendecomposition.
 docs/method.md writes `M = U diag(lambda) U^T` with `U`, `S^2` the eigenvectors and
 eigenvalues of the Gram matrix `G = A A^T`, energies `s_i = S_i^2 / T` where
 `T = trace(G)`, and `lambda_i = alpha s_i / ((alpha - 1) s_i + 1)`. That is a rational
-function of `G` applied to its eigenvalues, so
+function of `G` applied to its eigenvalues, so with
 
-    M     = alpha G X^{-1},        X = (alpha - 1) G + T I,
-    I - M = (T I - G) X^{-1},
+    X = (alpha - 1) G + T I
 
-where `G`, `X` and their inverses commute. `X` is symmetric positive definite for any
-`alpha > 0` (its eigenvalues lie between `min(1, alpha) T` and `max(1, alpha) T`), so a
-Cholesky factor replaces the eigendecomposition: about a thirtieth of the flops, every one
-of them in matrix-matrix BLAS, and condition number at most `max(alpha, 1/alpha)`.
+(`G`, `X` and their inverses commute), and for `alpha != 1`, where `G = (X - T I) / (alpha - 1)`:
+
+    M     = alpha G X^{-1}           = alpha / (alpha - 1) (I - T X^{-1}),
+    I - M = (T I - G) X^{-1}         = (alpha T X^{-1} - I) / (alpha - 1).
+
+`X` is symmetric positive definite for any `alpha > 0` (its eigenvalues lie between
+`min(1, alpha) T` and `max(1, alpha) T`), so a Cholesky factor replaces the
+eigendecomposition: about a thirtieth of the flops, every one of them in matrix-matrix
+BLAS, and condition number at most `max(alpha, 1/alpha)`. The right-hand forms need no
+product with `G` at all; their rounding grows as `1 / |alpha - 1|`, so near `alpha = 1`
+the left-hand forms are used.
 """
 
 from __future__ import annotations
@@ -53,12 +59,19 @@ class SpacePair:
         return apply
 
 
+# Below this `|alpha - 1|`, `M` is applied through `G` (rounding of the `G`-free form
+# ~ 1e-16 / |alpha - 1|, against float32 weights).
+NEAR_ONE = 1e-3
+
+
 class _Importance:
-    """`M = alpha G X^{-1}` of one Gram matrix, kept as `G`, `T` and the factor of `X`."""
+    """`M` of one Gram matrix, kept as `T`, the Cholesky factor of `X`, and `G` itself
+    only where `alpha` is near 1."""
 
     def __init__(self, gram: np.ndarray, alpha: float):
-        self.gram, self.alpha = gram, alpha
+        self.alpha = alpha
         self.trace = float(np.trace(gram))
+        self.gram = gram if abs(alpha - 1.0) < NEAR_ONE else None
         self.factor = None  # all-zero inputs: no energy, so M = 0
         if self.trace > 0:
             shifted = (alpha - 1.0) * gram
@@ -71,13 +84,25 @@ class _Importance:
         """`M @ block`."""
         if self.factor is None:
             return np.zeros_like(block)
-        return self.alpha * self._solve(self.gram @ block)
+        if self.gram is not None:
+            return self.alpha * self._solve(self.gram @ block)
+        solved = self._solve(block)
+        solved *= -self.trace
+        solved += block
+        solved *= self.alpha / (self.alpha - 1.0)
+        return solved
 
     def complement_times(self, block: np.ndarray) -> np.ndarray:
         """`(I - M) @ block`."""
         if self.factor is None:
             return block
-        return self._solve(self.trace * block - self.gram @ block)
+        if self.gram is not None:
+            return self._solve(self.trace * block - self.gram @ block)
+        solved = self._solve(block)
+        solved *= self.alpha * self.trace
+        solved -= block
+        solved /= self.alpha - 1.0
+        return solved
 
     def _solve(self, block: np.ndarray) -> np.ndarray:
         return scipy.linalg.cho_solve(self.factor, block, check_finite=False)

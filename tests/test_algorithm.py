@@ -174,7 +174,8 @@ def _eigen_importance(gram: np.ndarray, alpha: float) -> np.ndarray:
 @pytest.mark.parametrize("empty", [None, "retain", "forget"])
 def test_factored_projection_equals_the_eigendecomposition(empty):
     """The Cholesky form of `P` equals `I - (M_f - M_f M_r)` built from eigenvectors, for
-    rank-deficient Gram matrices, several α (below 1 too) and all-zero inputs (M = 0)."""
+    rank-deficient Gram matrices, several α (below 1, at 1 and next to it, where `M` goes
+    through `G`, and either side of that band) and all-zero inputs (M = 0)."""
     rng = np.random.default_rng(3)
     d = 12
     activations = {
@@ -183,7 +184,7 @@ def test_factored_projection_equals_the_eigendecomposition(empty):
     grams = {name: a @ a.T for name, a in activations.items()}
     if empty:
         grams[empty] = np.zeros((d, d))
-    for alpha_r, alpha_f in ((100, 3), (0.5, 10), (1, 1)):
+    for alpha_r, alpha_f in ((100, 3), (0.5, 10), (1, 1), (1 + 1e-9, 1 - 1e-4), (1.002, 0.998)):
         m_r = _eigen_importance(grams["retain"], alpha_r)
         m_f = _eigen_importance(grams["forget"], alpha_f)
         expected = np.eye(d) - (m_f - m_f @ m_r)
