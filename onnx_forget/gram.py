@@ -12,12 +12,12 @@ from .errors import UnsupportedModelError
 from .integer_layers import dequantized
 from .layer_scan import ConvGeometry, Layer
 
-# Vectors whose products are summed in the rows' precision before that sum joins the
-# float64 total. A float32 matrix product already sums thousands of terms in float32; a
-# run this long agrees with a float64 Gram matrix to about 1e-6 relative, and adds the
-# d x d running sum into the total once per run instead of once per batch: at d = 4608
-# that addition costs as much as the batch's own product.
-RUN_VECTORS = 16_384
+# The first vectors of each set whose products are summed in float32 in a buffer of the
+# set's own, before float64 takes over. A float32 product already sums thousands of terms
+# in float32, and a sum this long agrees with a float64 Gram matrix to about 2e-6 relative.
+# Most sets of a wide layer end within it: the d x d sum then meets float64 once, not once
+# per batch (at d = 4608 that addition costs as much as a batch's product).
+FIRST_RUN_VECTORS = 16_384
 
 MIRROR_BLOCK = 256  # rows per step when a triangle is mirrored: a cached transposed copy
 
@@ -29,7 +29,7 @@ GramUpdate = Callable[[np.ndarray, np.ndarray], None]
 def numpy_gram_update(rows: np.ndarray, sums: np.ndarray) -> None:
     """`sums[g] += rows[g]^T rows[g]`, by BLAS on the host."""
     if len(rows) == 1:
-        # One symmetric rank-n update straight into the running sum: half a product's
+        # One symmetric rank-n update straight into the sum: half a product's
         # flops, and no d x d product to allocate and add. The C-ordered sum is the
         # Fortran-ordered transpose BLAS updates in place, its upper triangle our lower.
         syrk = scipy.linalg.blas.get_blas_funcs("syrk", (rows,))
@@ -46,6 +46,11 @@ class GramAccumulator:
     positions drawn uniformly without replacement from all its (sample, output position)
     pairs, seeded by `(seed, statistic number, class)`. Drawing per class makes a set's
     Gram matrix the sum of its classes' ones, whichever way the samples were grouped.
+
+    The first `FIRST_RUN_VECTORS` vectors sum in float32 in a buffer of their own; the
+    float64 total then takes each later batch's product through `scratch`, one buffer
+    shared by a collector's accumulators. A set holds 8 bytes an entry at most, however
+    many samples it sees.
     """
 
     def __init__(
@@ -55,8 +60,10 @@ class GramAccumulator:
         budget: int,
         seed: tuple[int, int],
         update: GramUpdate | None = None,
+        scratch: Scratch | None = None,
     ):
         self.update = update or numpy_gram_update  # for float32 rows: the GPU's, or numpy's
+        self.scratch = scratch or Scratch()
         self.geometry = layer.geometry
         self.dequantization = layer.input_dequantization
         self.groups = layer.groups
@@ -66,14 +73,14 @@ class GramAccumulator:
         self.class_sizes = dict(zip(*np.unique(labels, return_counts=True)))
         self.budget = budget
         self.seed = seed
-        # Sums of lower triangles, until `gram` is read: the float64 total of the runs
-        # ended so far, and the current run's sum in the rows' precision.
-        self.total: np.ndarray | None = None
-        self.running: np.ndarray | None = None
-        self.running_vectors = 0
+        self.first_run: np.ndarray | None = None  # float32 (or the rows') lower triangles
+        self.total: np.ndarray | None = None  # float64, in the weight's order
         self.vectors = 0
-        self.ended = False  # `gram` was read
         self._chosen: dict[int, np.ndarray] = {}  # class -> sorted flat (sample, position)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.groups, self.input_size, self.input_size)
 
     def add(
         self, values: np.ndarray, first_sample: int, tapped: dict[str, np.ndarray] | None = None
@@ -87,50 +94,54 @@ class GramAccumulator:
             rows = self._patches(values, first_sample)
         # The batch's products in float32 at least (float16 activations are widened).
         rows = rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
-        if self.running is None:
-            shape = (self.groups, self.input_size, self.input_size)
-            self.running = np.zeros(shape, dtype=rows.dtype)
         update = self.update if rows.dtype == np.float32 else numpy_gram_update
-        update(rows.transpose(1, 0, 2), self.running)  # [groups, n, d]
-        self.running_vectors += len(rows)
-        self.vectors += len(rows)
-        if self.running_vectors >= RUN_VECTORS:
-            self._end_run()
-
-    def _end_run(self) -> None:
-        """Add this run's sum into the float64 total, conv patches reordered from gather
-        order to the weight's as they are added."""
-        _mirror_lower_triangle(self.running)
+        by_group = rows.transpose(1, 0, 2)  # [groups, n, d]
         if self.total is None:
-            self.total = np.zeros(self.running.shape, dtype=np.float64)
-        run, total = self.running, self.total
+            if self.first_run is None:
+                self.first_run = np.zeros(self.shape, dtype=rows.dtype)
+            update(by_group, self.first_run)
+            if self.vectors + len(rows) >= FIRST_RUN_VECTORS:
+                self._end_first_run()
+        else:
+            product = self.scratch.zeros(self.shape, rows.dtype)
+            update(by_group, product)
+            self._add_to_total(product)
+        self.vectors += len(rows)
+
+    def _end_first_run(self) -> None:
+        self.total = np.zeros(self.shape, dtype=np.float64)
+        self._add_to_total(self.first_run)
+        self.first_run = None
+
+    def _add_to_total(self, sums: np.ndarray) -> None:
+        """Add lower-triangle `sums` into the float64 total, conv patches reordered from
+        gather order to the weight's as they are added."""
+        _mirror_lower_triangle(sums)
+        total = self.total
         if self.geometry is not None:
             # A patch gathered as `(*kernel, channel)` indexes the weight's
             # `(channel, *kernel)` input order with its two axes swapped.
             taps = math.prod(self.geometry.kernel)
             per_tap = self.input_size // taps
-            run = run.reshape(self.groups, taps, per_tap, taps, per_tap)
-            run = run.transpose(0, 2, 1, 4, 3)
+            sums = sums.reshape(self.groups, taps, per_tap, taps, per_tap)
+            sums = sums.transpose(0, 2, 1, 4, 3)
             total = total.reshape(self.groups, per_tap, taps, per_tap, taps)
-        total += run
-        self.running, self.running_vectors = None, 0
+        total += sums
 
     @property
     def gram(self) -> np.ndarray:
-        """The set's Gram matrices `[groups, d, d]` in float64. Reading them ends the
-        accumulation."""
-        if not self.ended:
-            if self.running is not None:
-                self._end_run()
-            if self.total is None:  # a set with no vectors
-                self.total = np.zeros((self.groups, self.input_size, self.input_size))
-            self.ended = True
+        """The set's Gram matrices `[groups, d, d]` in float64, a conv's in its weight's
+        `(channel, *kernel)` order. Reading them ends the first run."""
+        if self.first_run is not None:
+            self._end_first_run()
+        if self.total is None:  # a set with no vectors
+            self.total = np.zeros(self.shape)
         return self.total
 
     def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:
         """Patches `[n, groups, d]` of this batch, all or the sampled ones, in
         `(*kernel, channel)` order: runs of contiguous channels gathered from the input
-        moved channels-last. `_end_run` puts the sums in the weight's order."""
+        moved channels-last. `_add_to_total` puts the sums in the weight's order."""
         spatial = len(self.geometry.kernel)
         grid = _PaddedGrid(values, self.geometry)
         positions = math.prod(grid.out_shape)
@@ -172,6 +183,23 @@ class GramAccumulator:
                 rng = np.random.default_rng([*self.seed, label])
                 self._chosen[label] = np.sort(rng.choice(total, size=self.budget, replace=False))
         return self._chosen[label]
+
+
+class Scratch:
+    """A reusable buffer for the products of batches past a set's first run: its pages
+    stay with the process, where a fresh `d x d` array per batch would be faulted in anew."""
+
+    def __init__(self):
+        self.buffers: dict[np.dtype, np.ndarray] = {}
+
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        size = math.prod(shape)
+        buffer = self.buffers.get(np.dtype(dtype))
+        if buffer is None or buffer.size < size:
+            buffer = self.buffers[np.dtype(dtype)] = np.empty(size, dtype=dtype)
+        view = buffer[:size].reshape(shape)
+        view.fill(0)
+        return view
 
 
 class _PaddedGrid:
@@ -261,9 +289,10 @@ class StatisticsCollector:
         update: GramUpdate | None = None,
     ):
         self.accumulators: dict[tuple, dict[str, GramAccumulator]] = {}
+        scratch = Scratch()
         for number, layer in enumerate(statistic_layers(layers)):
             self.accumulators[layer.statistic_key] = {
-                name: GramAccumulator(layer, labels, max_patches, (seed, number), update)
+                name: GramAccumulator(layer, labels, max_patches, (seed, number), update, scratch)
                 for name, labels in set_labels.items()
             }
 

@@ -11,6 +11,7 @@ import math
 import re
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import ml_dtypes
 import numpy as np
@@ -22,6 +23,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from onnx_forget import gram
 from onnx_forget.errors import InputError
 from onnx_forget.gram import GramAccumulator, conv_pads
 from onnx_forget.layer_scan import CONV, IN_OUT, scan_layers
@@ -185,11 +187,12 @@ def test_projected_conv_through_patches_equals_onnxruntime(case):
 
 
 @BOUNDED
-@given(conv_cases(), st.sampled_from([0, 3]))
-def test_gram_of_conv_patches_equals_the_windows_reference(case, budget):
+@given(conv_cases(), st.sampled_from([0, 3]), st.sampled_from([gram.FIRST_RUN_VECTORS, 1]))
+def test_gram_of_conv_patches_equals_the_windows_reference(case, budget, first_run):
     """The accumulated Gram matrices of a conv's patches, all of them or `budget` per
     class drawn as documented, equal float64 sums over _conv_windows' patches (checked
-    against onnxruntime's Conv above), over two batches of a two-class set."""
+    against onnxruntime's Conv above), over two batches of a two-class set: both in the
+    float32 first run, and with the second batch past it."""
     rng = np.random.default_rng(case["seed"])
     groups, per_group = case["groups"], case["in_per_group"]
     weight_shape = (groups * case["out_per_group"], per_group, *case["kernel"])
@@ -199,8 +202,10 @@ def test_gram_of_conv_patches_equals_the_windows_reference(case, budget):
     labels = np.array([1, 0, 1])
     seed = (7, 0)
     accumulator = GramAccumulator(layer, labels, budget, seed)
-    accumulator.add(x[:2], 0)
-    accumulator.add(x[2:], 2)
+    with mock.patch.object(gram, "FIRST_RUN_VECTORS", first_run):
+        accumulator.add(x[:2], 0)
+        assert (accumulator.total is None) == (first_run > 1)
+        accumulator.add(x[2:], 2)
 
     windows = _conv_windows(x.astype(np.float64), layer.geometry)
     spatial = len(layer.geometry.kernel)
