@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import scipy.linalg
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import UnsupportedModelError
 from .integer_layers import dequantized
@@ -114,11 +115,11 @@ class GramAccumulator:
         self.first_run = None
 
     def _add_to_total(self, sums: np.ndarray) -> None:
-        """Add lower-triangle `sums` into the float64 total, conv patches reordered from
-        gather order to the weight's as they are added."""
+        """Add lower-triangle `sums` into the float64 total, channels-last patches
+        reordered to the weight's order as they are added."""
         _mirror_lower_triangle(sums)
         total = self.total
-        if self.geometry is not None:
+        if self.geometry is not None and self.groups == 1:
             # A patch gathered as `(*kernel, channel)` indexes the weight's
             # `(channel, *kernel)` input order with its two axes swapped.
             taps = math.prod(self.geometry.kernel)
@@ -139,24 +140,31 @@ class GramAccumulator:
         return self.total
 
     def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:
-        """Patches `[n, groups, d]` of this batch, all or the sampled ones, in
-        `(*kernel, channel)` order: runs of contiguous channels gathered from the input
-        moved channels-last. `_add_to_total` puts the sums in the weight's order."""
-        spatial = len(self.geometry.kernel)
-        grid = _PaddedGrid(values, self.geometry)
-        positions = math.prod(grid.out_shape)
+        """Patches `[n, groups, d]` of this batch, all or the sampled ones.
+
+        With one group they are gathered from the input moved channels-last, as runs of
+        contiguous channels, in `(*kernel, channel)` order; `_add_to_total` puts their
+        sums in the weight's `(channel, *kernel)` order. A grouped conv's patches (a
+        depthwise one's are a few taps of one channel) come from the windows view in the
+        weight's order directly.
+        """
+        out_shape = output_shape(values.shape[2:], self.geometry)
+        positions = math.prod(out_shape)
         if self.budget == 0:
             samples = np.repeat(np.arange(len(values)), positions)
             position = np.tile(np.arange(positions), len(values))
         else:
             samples, position = self._sampled(first_sample, len(values), positions)
-        corners = np.unravel_index(position, grid.out_shape)
+        corners = np.unravel_index(position, out_shape)
+        if self.groups > 1:
+            picked = conv_windows(values, self.geometry)[(samples, slice(None), *corners)]
+            return picked.reshape(len(samples), self.groups, self.input_size)
+        grid = _PaddedGrid(values, self.geometry)
         starts = samples * grid.cells
-        for axis in range(spatial):
-            starts += corners[axis] * (self.geometry.strides[axis] * grid.steps[axis])
+        for axis, corner in enumerate(corners):
+            starts += corner * (self.geometry.strides[axis] * grid.steps[axis])
         rows = grid.cells_by_channel[starts[:, None] + grid.kernel_offsets]  # [n, k, C]
-        per_group = rows.reshape(len(starts), rows.shape[1], self.groups, -1)
-        return per_group.transpose(0, 2, 1, 3).reshape(len(starts), self.groups, -1)
+        return rows.reshape(len(samples), 1, self.input_size)
 
     def _sampled(self, first_sample: int, count: int, positions: int):
         """Batch rows and output positions of this batch's share of each class's draw."""
@@ -215,7 +223,6 @@ class _PaddedGrid:
             np.moveaxis(values, 1, -1), [(0, 0), *zip(pads[:spatial], pads[spatial:]), (0, 0)]
         )
         padded_sizes = padded.shape[1:-1]
-        self.out_shape = output_shape(sizes, geometry)
         self.cells = math.prod(padded_sizes)
         self.steps = [math.prod(padded_sizes[axis + 1 :]) for axis in range(spatial)]
         self.cells_by_channel = padded.reshape(-1, values.shape[1])
@@ -258,6 +265,20 @@ def _ordinals(labels: np.ndarray) -> np.ndarray:
         members = labels == label
         ordinals[members] = np.arange(np.count_nonzero(members))
     return ordinals
+
+
+def conv_windows(values: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """A view `[N, C, *out, *kernel]` of every receptive field of a conv's input.
+
+    Follows ONNX Conv: explicit `pads` or `auto_pad`, then strides on the output grid and
+    dilations inside the kernel. Padding is zeros, as the convolution sees it.
+    """
+    spatial = len(geometry.kernel)
+    pads = conv_pads(values.shape[2:], _reach(geometry), geometry)
+    padded = np.pad(values, [(0, 0), (0, 0), *zip(pads[:spatial], pads[spatial:])])
+    windows = sliding_window_view(padded, _reach(geometry), axis=tuple(range(2, 2 + spatial)))
+    strided = (slice(None), slice(None), *(slice(None, None, s) for s in geometry.strides))
+    return windows[strided + tuple(slice(None, None, d) for d in geometry.dilations)]
 
 
 def conv_pads(sizes, reach, geometry: ConvGeometry) -> tuple[int, ...]:

@@ -19,13 +19,12 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnx_forget import gram
 from onnx_forget.errors import InputError
-from onnx_forget.gram import GramAccumulator, conv_pads
+from onnx_forget.gram import GramAccumulator, conv_windows
 from onnx_forget.layer_scan import CONV, IN_OUT, scan_layers
 from onnx_forget.options import Preprocessing
 from onnx_forget.rewrite import rewrite_model
@@ -72,7 +71,7 @@ def _apply(x: np.ndarray, weight: np.ndarray, layer, transform=None) -> np.ndarr
     if layer.orientation != CONV:
         vectors = x if transform is None else x @ transform[0]
         return vectors @ (weight if layer.orientation == IN_OUT else weight.T)
-    windows = _conv_windows(x, layer.geometry)  # [N, C, *out, *kernel]
+    windows = conv_windows(x, layer.geometry)  # [N, C, *out, *kernel]
     spatial = len(layer.geometry.kernel)
     in_per_group, out_per_group = x.shape[1] // layer.groups, weight.shape[0] // layer.groups
     outputs = []
@@ -85,19 +84,6 @@ def _apply(x: np.ndarray, weight: np.ndarray, layer, transform=None) -> np.ndarr
         rows = weight[group * out_per_group : (group + 1) * out_per_group]
         outputs.append(np.moveaxis(patches @ rows.reshape(len(rows), layer.input_size).T, -1, 1))
     return np.concatenate(outputs, axis=1)
-
-
-def _conv_windows(values: np.ndarray, geometry) -> np.ndarray:
-    """A view `[N, C, *out, *kernel]` of every receptive field of a conv's input: ONNX
-    Conv's pads (or auto_pad), then strides on the output grid and dilations inside the
-    kernel, padding with zeros."""
-    spatial = len(geometry.kernel)
-    reach = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
-    pads = conv_pads(values.shape[2:], reach, geometry)
-    padded = np.pad(values, [(0, 0), (0, 0), *zip(pads[:spatial], pads[spatial:])])
-    windows = sliding_window_view(padded, reach, axis=tuple(range(2, 2 + spatial)))
-    strided = (slice(None), slice(None), *(slice(None, None, s) for s in geometry.strides))
-    return windows[strided + tuple(slice(None, None, d) for d in geometry.dilations)]
 
 
 def _float32_tolerance(x: np.ndarray, weight: np.ndarray, layer, weight_eps: float):
@@ -165,7 +151,7 @@ def _conv_model(case: dict, weight: np.ndarray) -> onnx.ModelProto:
 @BOUNDED
 @given(conv_cases())
 def test_projected_conv_through_patches_equals_onnxruntime(case):
-    """`W' x` over _conv_windows' patches equals onnxruntime's Conv with `W' = W P^T`, for
+    """`W' x` over conv_windows' patches equals onnxruntime's Conv with `W' = W P^T`, for
     random pads, strides, dilations, groups, auto_pad and 1-D/2-D/3-D inputs."""
     rng = np.random.default_rng(case["seed"])
     groups, out_per_group = case["groups"], case["out_per_group"]
@@ -190,7 +176,7 @@ def test_projected_conv_through_patches_equals_onnxruntime(case):
 @given(conv_cases(), st.sampled_from([0, 3]), st.sampled_from([gram.FIRST_RUN_VECTORS, 1]))
 def test_gram_of_conv_patches_equals_the_windows_reference(case, budget, first_run):
     """The accumulated Gram matrices of a conv's patches, all of them or `budget` per
-    class drawn as documented, equal float64 sums over _conv_windows' patches (checked
+    class drawn as documented, equal float64 sums over conv_windows' patches (checked
     against onnxruntime's Conv above), over two batches of a two-class set: both in the
     float32 first run, and with the second batch past it."""
     rng = np.random.default_rng(case["seed"])
@@ -207,7 +193,7 @@ def test_gram_of_conv_patches_equals_the_windows_reference(case, budget, first_r
         assert (accumulator.total is None) == (first_run > 1)
         accumulator.add(x[2:], 2)
 
-    windows = _conv_windows(x.astype(np.float64), layer.geometry)
+    windows = conv_windows(x.astype(np.float64), layer.geometry)
     spatial = len(layer.geometry.kernel)
     patches = np.moveaxis(windows, 1, 1 + spatial)  # [N, *out, C, *kernel]
     positions = math.prod(patches.shape[1 : 1 + spatial])
