@@ -13,28 +13,34 @@ from .errors import UnsupportedModelError
 from .integer_layers import dequantized
 from .layer_scan import ConvGeometry, Layer
 
-# The first vectors of each set whose products are summed in float32 in a buffer of the
-# set's own, before float64 takes over. A float32 product already sums thousands of terms
-# in float32, and a sum this long agrees with a float64 Gram matrix to about 2e-6 relative.
-# Most sets of a wide layer end within it: the d x d sum then meets float64 once, not once
-# per batch (at d = 4608 that addition costs as much as a batch's product).
+# A set's first run: the batches whose products are summed in the rows' precision
+# (float32 for float32 or float16 activations) in a buffer of the set's own, before float64
+# takes over. It ends at FIRST_RUN_VECTORS vectors or FIRST_RUN_BATCHES batches, whichever
+# comes first: each entry then sums at most 16 batch products in float32 on top of the
+# products' own sums, and the Gram matrix agrees with a float64 one to about 2e-6 relative
+# at any batch size. Most sets of a wide layer end within it: their d x d sum meets
+# float64 once, not once per batch (at d = 4608 that addition costs as much as a batch's
+# product).
 FIRST_RUN_VECTORS = 16_384
+FIRST_RUN_BATCHES = 16
 
 MIRROR_BLOCK = 256  # rows per step when a triangle is mirrored: a cached transposed copy
 
-# Adds `rows[g]^T rows[g]` of rows `[groups, n, d]` into `sums[g]` (`[groups, d, d]`, the
-# rows' dtype); only each sum's lower triangle need come out right.
+# Adds `rows[g]^T rows[g]` of rows `[groups, n, d]` into the lower triangle (C order) of
+# `sums[g]` (`[groups, d, d]`, the rows' dtype); the upper triangle may be left as it was.
 GramUpdate = Callable[[np.ndarray, np.ndarray], None]
 
 
 def numpy_gram_update(rows: np.ndarray, sums: np.ndarray) -> None:
-    """`sums[g] += rows[g]^T rows[g]`, by BLAS on the host."""
+    """Add `rows[g]^T rows[g]` into `sums[g]`'s lower triangle, by BLAS on the host."""
     if len(rows) == 1:
         # One symmetric rank-n update straight into the sum: half a product's
         # flops, and no d x d product to allocate and add. The C-ordered sum is the
         # Fortran-ordered transpose BLAS updates in place, its upper triangle our lower.
         syrk = scipy.linalg.blas.get_blas_funcs("syrk", (rows,))
-        syrk(1.0, rows[0].T, beta=1.0, c=sums[0].T, lower=0, overwrite_c=True)
+        updated = syrk(1.0, rows[0].T, beta=1.0, c=sums[0].T, lower=0, overwrite_c=True)
+        if not np.shares_memory(updated, sums):  # a sum BLAS could not update in place
+            sums[0] = updated.T
     else:
         sums += rows.transpose(0, 2, 1) @ rows
 
@@ -48,10 +54,10 @@ class GramAccumulator:
     pairs, seeded by `(seed, statistic number, class)`. Drawing per class makes a set's
     Gram matrix the sum of its classes' ones, whichever way the samples were grouped.
 
-    The first `FIRST_RUN_VECTORS` vectors sum in float32 in a buffer of their own; the
-    float64 total then takes each later batch's product through `scratch`, one buffer
-    shared by a collector's accumulators. A set holds 8 bytes an entry at most, however
-    many samples it sees.
+    The first run (see FIRST_RUN_VECTORS) sums in the rows' precision in a buffer of its
+    own; the float64 total then takes each later batch's product through `scratch`, one
+    buffer shared by a collector's accumulators. Past the first run a set holds its float64
+    total alone (8 bytes an entry), however many samples it sees.
     """
 
     def __init__(
@@ -74,7 +80,8 @@ class GramAccumulator:
         self.class_sizes = dict(zip(*np.unique(labels, return_counts=True)))
         self.budget = budget
         self.seed = seed
-        self.first_run: np.ndarray | None = None  # float32 (or the rows') lower triangles
+        self.first_run: np.ndarray | None = None  # lower triangles, in the rows' precision
+        self.first_run_batches = 0
         self.total: np.ndarray | None = None  # float64, in the weight's order
         self.vectors = 0
         self._chosen: dict[int, np.ndarray] = {}  # class -> sorted flat (sample, position)
@@ -101,7 +108,11 @@ class GramAccumulator:
             if self.first_run is None:
                 self.first_run = np.zeros(self.shape, dtype=rows.dtype)
             update(by_group, self.first_run)
-            if self.vectors + len(rows) >= FIRST_RUN_VECTORS:
+            self.first_run_batches += 1
+            if (
+                self.vectors + len(rows) >= FIRST_RUN_VECTORS
+                or self.first_run_batches >= FIRST_RUN_BATCHES
+            ):
                 self._end_first_run()
         else:
             product = self.scratch.zeros(self.shape, rows.dtype)

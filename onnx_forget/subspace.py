@@ -18,7 +18,7 @@ function of `G` applied to its eigenvalues, so with
 eigendecomposition: about a thirtieth of the flops, every one of them in matrix-matrix
 BLAS, and condition number at most `max(alpha, 1/alpha)`. The right-hand forms need no
 product with `G` at all; their rounding grows as `1 / |alpha - 1|`, so near `alpha = 1`
-the left-hand forms are used.
+the left-hand forms are used. Both are computed with `X / T` and `G / T`, of scale 1.
 """
 
 from __future__ import annotations
@@ -65,17 +65,23 @@ NEAR_ONE = 1e-3
 
 
 class _Importance:
-    """`M` of one Gram matrix, kept as `T`, the Cholesky factor of `X`, and `G` itself
-    only where `alpha` is near 1."""
+    """`M` of one Gram matrix, kept as the Cholesky factor of `X / T`, and `G / T` only
+    where `alpha` is near 1. Dividing by the trace makes the factor's scale 1 whatever the
+    activations' (a Gram matrix of tiny values would otherwise overflow `T X^{-1}`)."""
 
     def __init__(self, gram: np.ndarray, alpha: float):
         self.alpha = alpha
-        self.trace = float(np.trace(gram))
-        self.gram = gram if abs(alpha - 1.0) < NEAR_ONE else None
+        trace = float(np.trace(gram))
+        self.gram = None
         self.factor = None  # all-zero inputs: no energy, so M = 0
-        if self.trace > 0:
-            shifted = (alpha - 1.0) * gram
-            shifted.flat[:: len(gram) + 1] += self.trace
+        if trace > 0:
+            energies = gram / trace  # (1 / trace itself may overflow)
+            if abs(alpha - 1.0) < NEAR_ONE:
+                self.gram = energies.copy()
+            # X / T = (alpha - 1) G / T + I, symmetric positive definite.
+            shifted = energies
+            shifted *= alpha - 1.0
+            shifted.flat[:: len(gram) + 1] += 1.0
             # Symmetric, so its transpose is the same matrix in the Fortran order LAPACK
             # factors in place; the C-ordered array itself would be copied first.
             self.factor = scipy.linalg.cho_factor(shifted.T, overwrite_a=True, check_finite=False)
@@ -87,9 +93,8 @@ class _Importance:
         if self.gram is not None:
             return self.alpha * self._solve(self.gram @ block)
         solved = self._solve(block)
-        solved *= -self.trace
-        solved += block
-        solved *= self.alpha / (self.alpha - 1.0)
+        solved -= block
+        solved *= self.alpha / (1.0 - self.alpha)
         return solved
 
     def complement_times(self, block: np.ndarray) -> np.ndarray:
@@ -97,14 +102,15 @@ class _Importance:
         if self.factor is None:
             return block
         if self.gram is not None:
-            return self._solve(self.trace * block - self.gram @ block)
+            return self._solve(block - self.gram @ block)
         solved = self._solve(block)
-        solved *= self.alpha * self.trace
+        solved *= self.alpha
         solved -= block
         solved /= self.alpha - 1.0
         return solved
 
     def _solve(self, block: np.ndarray) -> np.ndarray:
+        """`(X / T)^{-1} block`."""
         return scipy.linalg.cho_solve(self.factor, block, check_finite=False)
 
 

@@ -191,3 +191,7 @@ def test_factored_projection_equals_the_eigendecomposition(empty):
         pair = SpacePair(grams["retain"][None], grams["forget"][None])
         got = pair.projection(alpha_r, alpha_f)(np.eye(d)[None])[0]
         assert np.max(np.abs(got - expected)) <= 1e-10, (alpha_r, alpha_f)
+        # M depends on the energies alone: activations of any scale, subnormal ones too.
+        tiny = SpacePair(grams["retain"][None] * 1e-310, grams["forget"][None] * 1e-310)
+        got = tiny.projection(alpha_r, alpha_f)(np.eye(d)[None])[0]
+        assert np.max(np.abs(got - expected)) <= 1e-10, (alpha_r, alpha_f, "subnormal")

@@ -1,0 +1,58 @@
+"""Streaming Gram matrices against float64 references: any batch size, and the BLAS
+update whatever the layout of the sum it is given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_forget.gram import GramAccumulator, numpy_gram_update
+from onnx_forget.layer_scan import scan_layers
+from tests import models
+
+WIDTH = 64
+
+
+def _fully_connected_layer():
+    """The one MatMul layer of a `[N, WIDTH] @ [WIDTH, 3]` model."""
+    weight = np.zeros((WIDTH, 3), np.float32)
+    model = models.make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    (layer,) = scan_layers(model).layers
+    return layer
+
+
+@pytest.mark.parametrize(("batch", "tolerance"), [(1, 1e-7), (7, 1e-7), (512, 1e-6)])
+def test_gram_agrees_with_float64_at_any_batch_size(batch, tolerance):
+    """Float32 sums stop after a few batches as after many vectors, so small batches are
+    no less accurate than one float32 product of many rows (against an exact float64
+    sum; a float32 sum over every batch of one vector measured 1.7e-6 here)."""
+    rows = np.maximum(np.random.default_rng(0).normal(size=(3000, WIDTH)) + 0.5, 0)
+    rows = rows.astype(np.float32)
+    accumulator = GramAccumulator(_fully_connected_layer(), np.zeros(len(rows), int), 0, (0, 0))
+    for start in range(0, len(rows), batch):
+        accumulator.add(rows[start : start + batch], start)
+    exact = rows.astype(np.float64).T @ rows.astype(np.float64)
+    difference = np.abs(accumulator.gram[0] - exact).max() / np.abs(exact).max()
+    assert difference <= tolerance, difference
+    assert accumulator.vectors == len(rows)
+
+
+@pytest.mark.parametrize("layout", ["float64 rows into float32", "strided sum"])
+def test_update_reaches_a_sum_blas_cannot_update_in_place(layout):
+    rows = np.random.default_rng(1).normal(size=(1, 9, 4)).astype(np.float32)
+    if layout == "strided sum":
+        storage = np.zeros((1, 4, 8), np.float32)
+        sums = storage[:, :, ::2]
+    else:
+        rows = rows.astype(np.float64)
+        sums = np.zeros((1, 4, 4), np.float32)
+    numpy_gram_update(rows, sums)
+    expected = rows[0].astype(np.float64).T @ rows[0].astype(np.float64)
+    lower = np.tril_indices(4)
+    assert np.allclose(sums[0][lower], expected[lower], rtol=1e-6)
