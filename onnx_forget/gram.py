@@ -13,16 +13,16 @@ from .errors import UnsupportedModelError
 from .integer_layers import dequantized
 from .layer_scan import ConvGeometry, Layer
 
-# A set's first run: the batches whose products are summed in the rows' precision
-# (float32 for float32 or float16 activations) in a buffer of the set's own, before float64
-# takes over. It ends at FIRST_RUN_VECTORS vectors or FIRST_RUN_BATCHES batches, whichever
-# comes first: each entry then sums at most 16 batch products in float32 on top of the
-# products' own sums, and the Gram matrix agrees with a float64 one to about 2e-6 relative
-# at any batch size. Most sets of a wide layer end within it: their d x d sum meets
-# float64 once, not once per batch (at d = 4608 that addition costs as much as a batch's
-# product).
-FIRST_RUN_VECTORS = 16_384
-FIRST_RUN_BATCHES = 16
+# A set small enough for one float32 run (at most FLOAT32_RUN_VECTORS vectors over at most
+# FLOAT32_RUN_BATCHES batches, judged at its first batch) sums its products in the rows'
+# precision (float32 for float32 or float16 activations) in a buffer of its own, turned
+# into float64 once, when the Gram matrix is read: its d x d sum meets float64 once, not
+# once per batch (at d = 4608 that addition costs as much as a batch's product). Each
+# entry then sums at most 16 batch products in float32 on top of the products' own sums,
+# so the Gram matrix agrees with a float64 one to about 2e-6 relative at any batch size.
+# A larger set adds each batch's product into a float64 total from its first batch on.
+FLOAT32_RUN_VECTORS = 16_384
+FLOAT32_RUN_BATCHES = 16
 
 MIRROR_BLOCK = 256  # rows per step when a triangle is mirrored: a cached transposed copy
 
@@ -54,10 +54,10 @@ class GramAccumulator:
     pairs, seeded by `(seed, statistic number, class)`. Drawing per class makes a set's
     Gram matrix the sum of its classes' ones, whichever way the samples were grouped.
 
-    The first run (see FIRST_RUN_VECTORS) sums in the rows' precision in a buffer of its
-    own; the float64 total then takes each later batch's product through `scratch`, one
-    buffer shared by a collector's accumulators. Past the first run a set holds its float64
-    total alone (8 bytes an entry), however many samples it sees.
+    A set that fits one float32 run (see FLOAT32_RUN_VECTORS) sums in a buffer of the rows'
+    precision; a larger one adds each batch's product, made in `scratch` (one buffer
+    shared by a collector's accumulators), into a float64 total. Either way a set holds one
+    `d x d` sum (4 or 8 bytes an entry), however many samples it sees.
     """
 
     def __init__(
@@ -80,8 +80,7 @@ class GramAccumulator:
         self.class_sizes = dict(zip(*np.unique(labels, return_counts=True)))
         self.budget = budget
         self.seed = seed
-        self.first_run: np.ndarray | None = None  # lower triangles, in the rows' precision
-        self.first_run_batches = 0
+        self.float32_run: np.ndarray | None = None  # lower triangles, the rows' precision
         self.total: np.ndarray | None = None  # float64, in the weight's order
         self.vectors = 0
         self._chosen: dict[int, np.ndarray] = {}  # class -> sorted flat (sample, position)
@@ -104,26 +103,36 @@ class GramAccumulator:
         rows = rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
         update = self.update if rows.dtype == np.float32 else numpy_gram_update
         by_group = rows.transpose(1, 0, 2)  # [groups, n, d]
-        if self.total is None:
-            if self.first_run is None:
-                self.first_run = np.zeros(self.shape, dtype=rows.dtype)
-            update(by_group, self.first_run)
-            self.first_run_batches += 1
-            if (
-                self.vectors + len(rows) >= FIRST_RUN_VECTORS
-                or self.first_run_batches >= FIRST_RUN_BATCHES
-            ):
-                self._end_first_run()
+        if self.total is None and self.float32_run is None:  # the set's first batch
+            if self._outlasts_a_float32_run(values.shape, len(rows)):
+                self.total = np.zeros(self.shape, dtype=np.float64)
+            else:
+                self.float32_run = np.zeros(self.shape, dtype=rows.dtype)
+        if self.float32_run is not None:
+            update(by_group, self.float32_run)
         else:
             product = self.scratch.zeros(self.shape, rows.dtype)
             update(by_group, product)
             self._add_to_total(product)
         self.vectors += len(rows)
 
-    def _end_first_run(self) -> None:
+    def _outlasts_a_float32_run(self, batch_shape: tuple[int, ...], batch_vectors: int) -> bool:
+        """Whether the whole set, judged from its first batch (`[n, C, *sizes]` tapped,
+        `batch_vectors` vectors), has more vectors or batches than one float32 run takes."""
+        samples, batch_samples = len(self.labels), batch_shape[0]
+        batches = math.ceil(samples / max(1, batch_samples))
+        if self.geometry is None or self.budget == 0:  # every vector of every sample
+            vectors = samples * batch_vectors / max(1, batch_samples)
+        else:
+            positions = math.prod(output_shape(batch_shape[2:], self.geometry))
+            sizes = self.class_sizes.values()
+            vectors = sum(min(self.budget, int(size) * positions) for size in sizes)
+        return vectors > FLOAT32_RUN_VECTORS or batches > FLOAT32_RUN_BATCHES
+
+    def _end_float32_run(self) -> None:
         self.total = np.zeros(self.shape, dtype=np.float64)
-        self._add_to_total(self.first_run)
-        self.first_run = None
+        self._add_to_total(self.float32_run)
+        self.float32_run = None
 
     def _add_to_total(self, sums: np.ndarray) -> None:
         """Add lower-triangle `sums` into the float64 total, channels-last patches
@@ -143,9 +152,9 @@ class GramAccumulator:
     @property
     def gram(self) -> np.ndarray:
         """The set's Gram matrices `[groups, d, d]` in float64, a conv's in its weight's
-        `(channel, *kernel)` order. Reading them ends the first run."""
-        if self.first_run is not None:
-            self._end_first_run()
+        `(channel, *kernel)` order. Reading them ends a float32 run."""
+        if self.float32_run is not None:
+            self._end_float32_run()
         if self.total is None:  # a set with no vectors
             self.total = np.zeros(self.shape)
         return self.total

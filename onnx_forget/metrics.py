@@ -10,7 +10,7 @@ import numpy as np
 import scipy.optimize
 import scipy.special
 
-from .runtime import Runner
+from .runtime import Runner, SampleRows
 from .samples import SampleSet
 
 # Confidences are clipped away from 0 and 1 before the log-odds the attack reads.
@@ -21,8 +21,10 @@ def class_scores(
     runner: Runner, samples: SampleSet, indices: np.ndarray, scores_name: str
 ) -> np.ndarray:
     """The model's scores output `[len(indices), classes]` for the given samples."""
-    batches = [outputs[0] for _, outputs in runner.run(samples.load, indices, [scores_name])]
-    return np.concatenate(batches).astype(np.float64) if batches else np.zeros((0, 0))
+    scores = SampleRows(len(indices))
+    for _, outputs in runner.run(samples.load, indices, [scores_name]):
+        scores.add(outputs[0])
+    return scores.result()
 
 
 def probabilities(scores: np.ndarray) -> np.ndarray:

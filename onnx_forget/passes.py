@@ -18,7 +18,7 @@ from .layer_scan import Head
 from .opened import OpenedModel
 from .probe import head_features
 from .progress import progress_bar
-from .runtime import Runner
+from .runtime import Runner, SampleRows
 from .samples import SampleSet
 from .subspace import SpacePair
 from .timing import PhaseTimer
@@ -87,19 +87,16 @@ def tapped_pass(
     total = sum(len(indices) for indices in sets.values())
     with progress_bar(total, "collecting", settings.progress) as bar:
         for name, indices in sets.items():
-            done, batches = 0, {key: [] for key in keep}
+            done, rows = 0, {key: SampleRows(len(indices)) for key in keep}
             for batch, values in runner.run(sample_set.load, indices, outputs):
                 named = dict(zip(outputs, values))
                 collector.add(name, named, done)
                 for key, take in keep.items():
-                    batches[key].append(take(named).astype(np.float64))
+                    rows[key].add(take(named))
                 done += len(batch)
                 bar.update(len(batch))
                 del values, named  # not alive while the next batch runs
-            values_by_set[name] = {
-                key: np.concatenate(parts) if parts else np.zeros((0, 0))
-                for key, parts in batches.items()
-            }
+            values_by_set[name] = {key: kept_rows.result() for key, kept_rows in rows.items()}
     return collector, values_by_set
 
 

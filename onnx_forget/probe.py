@@ -16,6 +16,7 @@ import scipy.linalg
 from .integer_layers import dequantized
 from .layer_scan import Layer
 from .opened import OpenedModel
+from .runtime import SampleRows
 from .samples import SampleSet
 from .taps import add_taps
 
@@ -45,14 +46,14 @@ def scores_and_features(
     layer, scores_name = head.layer, opened.signature.scores_name
     runner = opened.runner(add_taps(model, (layer,), scores_name))
     names = [output.name for output in runner.session.get_outputs()]
-    scores, features = [], []
+    scores, features = SampleRows(len(indices)), SampleRows(len(indices))
     for _, values in runner.run(samples.load, indices, names):
         named = dict(zip(names, values))
-        scores.append(named[scores_name].astype(np.float64))
-        features.append(head_features(layer, named))
-    if not scores:
+        scores.add(named[scores_name])
+        features.add(head_features(layer, named))
+    if not scores.filled:
         return np.zeros((0, 0)), None
-    return np.concatenate(scores), np.concatenate(features)
+    return scores.result(), features.result()
 
 
 def head_features(layer: Layer, named: dict[str, np.ndarray]) -> np.ndarray:

@@ -173,12 +173,12 @@ def test_projected_conv_through_patches_equals_onnxruntime(case):
 
 
 @BOUNDED
-@given(conv_cases(), st.sampled_from([0, 3]), st.sampled_from([gram.FIRST_RUN_VECTORS, 1]))
-def test_gram_of_conv_patches_equals_the_windows_reference(case, budget, first_run):
+@given(conv_cases(), st.sampled_from([0, 3]), st.sampled_from([gram.FLOAT32_RUN_VECTORS, 1]))
+def test_gram_of_conv_patches_equals_the_windows_reference(case, budget, run_limit):
     """The accumulated Gram matrices of a conv's patches, all of them or `budget` per
     class drawn as documented, equal float64 sums over conv_windows' patches (checked
-    against onnxruntime's Conv above), over two batches of a two-class set: both in the
-    float32 first run, and with the second batch past it."""
+    against onnxruntime's Conv above), over two batches of a two-class set: in one float32
+    run, and (a run limit of 1 vector) added into float64 batch by batch."""
     rng = np.random.default_rng(case["seed"])
     groups, per_group = case["groups"], case["in_per_group"]
     weight_shape = (groups * case["out_per_group"], per_group, *case["kernel"])
@@ -188,9 +188,9 @@ def test_gram_of_conv_patches_equals_the_windows_reference(case, budget, first_r
     labels = np.array([1, 0, 1])
     seed = (7, 0)
     accumulator = GramAccumulator(layer, labels, budget, seed)
-    with mock.patch.object(gram, "FIRST_RUN_VECTORS", first_run):
+    with mock.patch.object(gram, "FLOAT32_RUN_VECTORS", run_limit):
         accumulator.add(x[:2], 0)
-        assert (accumulator.total is None) == (first_run > 1)
+        assert (accumulator.float32_run is None) == (run_limit == 1)
         accumulator.add(x[2:], 2)
 
     windows = conv_windows(x.astype(np.float64), layer.geometry)
