@@ -214,8 +214,9 @@ class GramAccumulator:
 
 
 class Scratch:
-    """A reusable buffer for the products of batches past a set's first run: its pages
-    stay with the process, where a fresh `d x d` array per batch would be faulted in anew."""
+    """A reusable buffer for each batch's product of a set too large for one float32 run:
+    its pages stay with the process, where a fresh `d x d` array per batch would be
+    faulted in anew."""
 
     def __init__(self):
         self.buffers: dict[np.dtype, np.ndarray] = {}

@@ -168,10 +168,11 @@ class Runner:
         self.batch_size = int(fits)
 
     def gram_update(self, rows: np.ndarray, sums: np.ndarray) -> None:
-        """`sums[g] += rows[g]^T rows[g]` of float32 rows: on the GPU while the session runs
-        on CUDA (these products outweigh the forward pass itself, ResNet-18: 1.0e12
-        multiply-adds against 1.7e11), else numpy's. Under `auto`, a CUDA failure here also
-        moves the run to the CPU."""
+        """Add `rows[g]^T rows[g]` of float32 rows into `sums[g]` (its lower triangle at
+        least, as `GramUpdate` asks): on the GPU while the session runs on CUDA (these
+        products outweigh the forward pass itself, ResNet-18: 1.0e12 multiply-adds against
+        1.7e11), else numpy's. Under `auto`, a CUDA failure here also moves the run to the
+        CPU."""
         if self.provider == CUDA:
             try:
                 if self._cuda_gram is None:
