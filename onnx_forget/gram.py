@@ -15,12 +15,13 @@ from .layer_scan import ConvGeometry, Layer
 
 # A set small enough for one float32 run (at most FLOAT32_RUN_VECTORS vectors over at most
 # FLOAT32_RUN_BATCHES batches, judged at its first batch) sums its products in the rows'
-# precision (float32 for float32 or float16 activations) in a buffer of its own, turned
-# into float64 once, when the Gram matrix is read: its d x d sum meets float64 once, not
-# once per batch (at d = 4608 that addition costs as much as a batch's product). Each
-# entry then sums at most 16 batch products in float32 on top of the products' own sums,
-# so the Gram matrix agrees with a float64 one to about 2e-6 relative at any batch size.
-# A larger set adds each batch's product into a float64 total from its first batch on.
+# precision (float32 for float32 or float16 activations) in a buffer of its own, and is
+# read in that precision: it meets float64 only where the decomposition divides it by its
+# trace, a pass it makes anyway (a float64 copy at read time cost as much as a batch's
+# product at d = 4608, most of it faulting in fresh pages). Each entry sums at most 16
+# batch products in float32 on top of the products' own sums, so the Gram matrix agrees
+# with a float64 one to about 2e-6 relative at any batch size. A larger set adds each
+# batch's product into a float64 total from its first batch on.
 FLOAT32_RUN_VECTORS = 16_384
 FLOAT32_RUN_BATCHES = 16
 
@@ -57,7 +58,8 @@ class GramAccumulator:
     A set that fits one float32 run (see FLOAT32_RUN_VECTORS) sums in a buffer of the rows'
     precision; a larger one adds each batch's product, made in `scratch` (one buffer
     shared by a collector's accumulators), into a float64 total. Either way a set holds one
-    `d x d` sum (4 or 8 bytes an entry), however many samples it sees.
+    `d x d` sum (4 or 8 bytes an entry) in the weight's input order, however many samples
+    it sees.
     """
 
     def __init__(
@@ -111,9 +113,10 @@ class GramAccumulator:
         if self.float32_run is not None:
             update(by_group, self.float32_run)
         else:
-            product = self.scratch.zeros(self.shape, rows.dtype)
+            product = self.scratch.empty("product", self.shape, rows.dtype)
+            product.fill(0)
             update(by_group, product)
-            self._add_to_total(product)
+            self.total += product  # lower triangles: mirrored once, when read
         self.vectors += len(rows)
 
     def _outlasts_a_float32_run(self, batch_shape: tuple[int, ...], batch_vectors: int) -> bool:
@@ -129,44 +132,45 @@ class GramAccumulator:
             vectors = sum(min(self.budget, int(size) * positions) for size in sizes)
         return vectors > FLOAT32_RUN_VECTORS or batches > FLOAT32_RUN_BATCHES
 
-    def _end_float32_run(self) -> None:
-        self.total = np.zeros(self.shape, dtype=np.float64)
-        self._add_to_total(self.float32_run)
-        self.float32_run = None
+    @property
+    def sums(self) -> np.ndarray:
+        """The set's Gram matrices `[groups, d, d]` with rows and columns in `input_order`:
+        the live sum, float64 or, for a set of one float32 run, in the rows' precision
+        (exact in float64)."""
+        if self.total is None and self.float32_run is None:  # a set with no vectors
+            self.total = np.zeros(self.shape)
+        sums = self.total if self.float32_run is None else self.float32_run
+        _mirror_lower_triangle(sums)  # later updates write the lower triangle only
+        return sums
 
-    def _add_to_total(self, sums: np.ndarray) -> None:
-        """Add lower-triangle `sums` into the float64 total, channels-last patches
-        reordered to the weight's order as they are added."""
-        _mirror_lower_triangle(sums)
-        total = self.total
-        if self.geometry is not None and self.groups == 1:
-            # A patch gathered as `(*kernel, channel)` indexes the weight's
-            # `(channel, *kernel)` input order with its two axes swapped.
-            taps = math.prod(self.geometry.kernel)
-            per_tap = self.input_size // taps
-            sums = sums.reshape(self.groups, taps, per_tap, taps, per_tap)
-            sums = sums.transpose(0, 2, 1, 4, 3)
-            total = total.reshape(self.groups, per_tap, taps, per_tap, taps)
-        total += sums
+    @property
+    def input_order(self) -> np.ndarray | None:
+        """The weight input (`(channel, *kernel)` for a conv) of each row of `sums`, or
+        None where they are in the weight's order. A one-group conv's patches are
+        gathered `(*kernel, channel)`: putting its sums in the weight's order would cost a
+        `d x d` copy, where applying the order to the weight's `d` rows costs nothing."""
+        if self.geometry is None or self.groups > 1:
+            return None
+        taps = math.prod(self.geometry.kernel)
+        return np.arange(self.input_size).reshape(-1, taps).T.reshape(-1)
 
     @property
     def gram(self) -> np.ndarray:
-        """The set's Gram matrices `[groups, d, d]` in float64, a conv's in its weight's
-        `(channel, *kernel)` order. Reading them ends a float32 run."""
-        if self.float32_run is not None:
-            self._end_float32_run()
-        if self.total is None:  # a set with no vectors
-            self.total = np.zeros(self.shape)
-        return self.total
+        """The set's Gram matrices `[groups, d, d]` in float64 and in the weight's order,
+        as statistics files hold them."""
+        sums, order = self.sums, self.input_order
+        if order is not None:
+            weight_rows = np.argsort(order)  # the row of `sums` of each weight input
+            sums = sums[:, weight_rows][:, :, weight_rows]
+        return np.asarray(sums, dtype=np.float64)
 
     def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:
         """Patches `[n, groups, d]` of this batch, all or the sampled ones.
 
         With one group they are gathered from the input moved channels-last, as runs of
-        contiguous channels, in `(*kernel, channel)` order; `_add_to_total` puts their
-        sums in the weight's `(channel, *kernel)` order. A grouped conv's patches (a
-        depthwise one's are a few taps of one channel) come from the windows view in the
-        weight's order directly.
+        contiguous channels, in `(*kernel, channel)` order (see `input_order`). A grouped
+        conv's patches (a depthwise one's are a few taps of one channel) come from the
+        windows view in the weight's `(channel, *kernel)` order directly.
         """
         out_shape = output_shape(values.shape[2:], self.geometry)
         positions = math.prod(out_shape)
@@ -183,7 +187,11 @@ class GramAccumulator:
         starts = samples * grid.cells
         for axis, corner in enumerate(corners):
             starts += corner * (self.geometry.strides[axis] * grid.steps[axis])
-        rows = grid.cells_by_channel[starts[:, None] + grid.kernel_offsets]  # [n, k, C]
+        flat = starts[:, None] + grid.kernel_offsets  # [n, k] cells of each patch's taps
+        rows = self.scratch.empty("patches", (*flat.shape, values.shape[1]), values.dtype)
+        # Into a reused buffer: a fresh one per batch spent most of the gather faulting
+        # in pages. Every index is in the grid, so "clip" only skips numpy's checks.
+        np.take(grid.cells_by_channel, flat, axis=0, out=rows, mode="clip")
         return rows.reshape(len(samples), 1, self.input_size)
 
     def _sampled(self, first_sample: int, count: int, positions: int):
@@ -214,21 +222,21 @@ class GramAccumulator:
 
 
 class Scratch:
-    """A reusable buffer for each batch's product of a set too large for one float32 run:
-    its pages stay with the process, where a fresh `d x d` array per batch would be
-    faulted in anew."""
+    """Reusable buffers, one per use and dtype, for what each batch makes and drops (its
+    patches, and the product of a set too large for one float32 run): their pages stay
+    with the process, where fresh arrays per batch would be faulted in anew."""
 
     def __init__(self):
-        self.buffers: dict[np.dtype, np.ndarray] = {}
+        self.buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
 
-    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def empty(self, use: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised array for `use`; valid until the next call for `use`."""
         size = math.prod(shape)
-        buffer = self.buffers.get(np.dtype(dtype))
+        key = (use, np.dtype(dtype))
+        buffer = self.buffers.get(key)
         if buffer is None or buffer.size < size:
-            buffer = self.buffers[np.dtype(dtype)] = np.empty(size, dtype=dtype)
-        view = buffer[:size].reshape(shape)
-        view.fill(0)
-        return view
+            buffer = self.buffers[key] = np.empty(size, dtype=dtype)
+        return buffer[:size].reshape(shape)
 
 
 class _PaddedGrid:

@@ -48,7 +48,7 @@ class ClassStatistics:
     statistics: list[dict]  # statistic_id of each statistic, in order
     options: dict  # max_patches, seed, preprocessing: runs must agree on them to combine
     samples: dict[int, int]  # samples per class
-    grams: dict[tuple[int, int], np.ndarray]  # (statistic, class) -> [groups, d, d]
+    grams: dict[tuple[int, int], np.ndarray]  # (statistic, class) -> [groups, d, d] float64
     vectors: dict[tuple[int, int], int]
 
     @property

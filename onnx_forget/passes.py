@@ -124,9 +124,9 @@ def pass_over_samples(
         collector, kept = tapped_pass(
             opened, runner, sample_set, {RETAIN: retain, FORGET: forget}, kept
         )
-        spaces = {  # reading the Gram matrices ends their last float32 runs
-            key: SpacePair(collector.gram(key, RETAIN), collector.gram(key, FORGET))
-            for key in collector.accumulators
+        spaces = {  # reading a float32 sum fills in its upper triangle
+            key: SpacePair(sets[RETAIN].sums, sets[FORGET].sums, sets[RETAIN].input_order)
+            for key, sets in collector.accumulators.items()
         }
 
     def both(key: str) -> np.ndarray | None:

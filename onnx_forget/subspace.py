@@ -36,10 +36,13 @@ Projection = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class SpacePair:
-    """Retain and forget Gram matrices `[groups, d, d]` of one statistic (float64)."""
+    """Retain and forget Gram matrices `[groups, d, d]` of one statistic: float64, or
+    float32 where a set was summed in float32 (each meets float64 as it is factored).
+    Their rows are the weight's inputs in `input_order` (None: in the weight's order)."""
 
     retain: np.ndarray
     forget: np.ndarray
+    input_order: np.ndarray | None = None
 
     def projection(self, alpha_r: float, alpha_f: float) -> Projection:
         """`P = I - M_f (I - M_r)` per group, as factors: forming `P` is never needed."""
@@ -47,14 +50,21 @@ class SpacePair:
             (_Importance(retain, alpha_r), _Importance(forget, alpha_f))
             for retain, forget in zip(self.retain, self.forget)
         ]
+        order = self.input_order
 
         def apply(columns: np.ndarray) -> np.ndarray:
-            return np.stack(
+            ordered = columns if order is None else columns[:, order]
+            projected = np.stack(
                 [
                     block - m_forget.times(m_retain.complement_times(block))
-                    for (m_retain, m_forget), block in zip(factors, columns)
+                    for (m_retain, m_forget), block in zip(factors, ordered)
                 ]
             )
+            if order is None:
+                return projected
+            in_weight_order = np.empty_like(projected)
+            in_weight_order[:, order] = projected
+            return in_weight_order
 
         return apply
 
@@ -71,11 +81,11 @@ class _Importance:
 
     def __init__(self, gram: np.ndarray, alpha: float):
         self.alpha = alpha
-        trace = float(np.trace(gram))
+        trace = float(np.trace(gram, dtype=np.float64))
         self.gram = None
         self.factor = None  # all-zero inputs: no energy, so M = 0
         if trace > 0:
-            energies = gram / trace  # (1 / trace itself may overflow)
+            energies = np.divide(gram, trace, dtype=np.float64)  # (1 / trace may overflow)
             if abs(alpha - 1.0) < NEAR_ONE:
                 self.gram = energies.copy()
             # X / T = (alpha - 1) G / T + I, symmetric positive definite.

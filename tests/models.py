@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 IR_VERSION = 10  # onnxruntime 1.2x reads IR <= 10 models
 OPSET = 17
 
-# The mixed model: Conv (pads, stride 2, dilation 2, 2 groups) -> Relu -> Reshape to
+# The mixed model: Conv (pads, stride 2, dilation 2, 2 groups by default) -> Relu -> Reshape to
 # [N, 6, 20] -> MatMul by [20, 5] (3-D input) -> Relu -> Flatten -> Gemm transB=1 ->
 # Relu -> Gemm transB=0 -> scores [N, 4].
 MIXED_INPUT = (4, 11, 11)
@@ -32,16 +32,21 @@ def make_model(nodes, inputs, outputs, initializers) -> onnx.ModelProto:
     return model
 
 
-def mixed_weights(seed: int = 0) -> dict[str, np.ndarray]:
+def mixed_weights(seed: int = 0, groups: int = CONV_GROUPS) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        "conv_w": rng.normal(size=(6, 2, 3, 3)).astype(np.float32),
+        "conv_w": rng.normal(size=(6, MIXED_INPUT[0] // groups, 3, 3)).astype(np.float32),
         "conv_b": rng.normal(size=6).astype(np.float32),
         "matmul_w": rng.normal(size=(20, 5)).astype(np.float32) / 4,
         "gemm1_w": rng.normal(size=(8, 30)).astype(np.float32) / 5,
         "gemm1_b": rng.normal(size=8).astype(np.float32),
         "gemm2_w": rng.normal(size=(8, MIXED_CLASSES)).astype(np.float32) / 3,
     }
+
+
+def conv_groups(weights: dict[str, np.ndarray]) -> int:
+    """The mixed model's conv groups, read from its weight's input channels per group."""
+    return MIXED_INPUT[0] // weights["conv_w"].shape[1]
 
 
 def mixed_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -56,7 +61,7 @@ def mixed_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
             pads=CONV_PADS,
             strides=CONV_STRIDES,
             dilations=CONV_DILATIONS,
-            group=CONV_GROUPS,
+            group=conv_groups(weights),
         ),
         helper.make_node("Relu", ["conv_out"], ["conv_act"]),
         helper.make_node("Reshape", ["conv_act", "shape"], ["tokens"]),

@@ -55,19 +55,11 @@ def reference_conv(x, weight, bias, pads, strides, dilations, groups):
 
 def reference_activations(x: np.ndarray, w: dict) -> dict[str, np.ndarray]:
     """Each layer's input vectors as a `[d, N]` matrix (conv: per group), in float64."""
+    groups = models.conv_groups(w)
     w = {k: v.astype(np.float64) for k, v in w.items()}
-    conv_columns, _ = reference_conv_patches(
-        x, w["conv_w"].shape, models.CONV_PADS, models.CONV_STRIDES, models.CONV_DILATIONS, 2
-    )
-    conv = reference_conv(
-        x,
-        w["conv_w"],
-        w["conv_b"],
-        models.CONV_PADS,
-        models.CONV_STRIDES,
-        models.CONV_DILATIONS,
-        models.CONV_GROUPS,
-    )
+    geometry = (models.CONV_PADS, models.CONV_STRIDES, models.CONV_DILATIONS, groups)
+    conv_columns, _ = reference_conv_patches(x, w["conv_w"].shape, *geometry)
+    conv = reference_conv(x, w["conv_w"], w["conv_b"], *geometry)
     tokens = np.maximum(conv, 0).reshape(len(x), 6, 20)
     mm = np.maximum(tokens @ w["matmul_w"], 0)
     flat = mm.reshape(len(x), -1)
@@ -99,12 +91,13 @@ def reference_weights(x, labels, weights) -> dict[str, np.ndarray]:
     retain = reference_activations(x[labels != FORGET_CLASS], weights)
     forget = reference_activations(x[labels == FORGET_CLASS], weights)
     conv_w = weights["conv_w"].astype(np.float64)
-    per_out = conv_w.shape[0] // models.CONV_GROUPS
+    groups = models.conv_groups(weights)
+    per_out = conv_w.shape[0] // groups
     conv_new = np.concatenate(
         [
             conv_w[g * per_out : (g + 1) * per_out].reshape(per_out, -1)
             @ reference_projection(retain["conv"][g], forget["conv"][g]).T
-            for g in range(models.CONV_GROUPS)
+            for g in range(groups)
         ]
     ).reshape(conv_w.shape)
     return {
@@ -119,10 +112,12 @@ def stored_weights(model) -> dict[str, np.ndarray]:
     return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def test_projected_weights_match_plain_numpy_reference():
-    """Every weight kind, every patch, equals the SVD reference to 1e-6 relative."""
+@pytest.mark.parametrize("groups", [1, 2])
+def test_projected_weights_match_plain_numpy_reference(groups):
+    """Every weight kind, every patch, equals the SVD reference to 1e-6 relative (a
+    one-group conv's patches are summed in another order than its weight's inputs)."""
     rng = np.random.default_rng(0)
-    weights = models.mixed_weights()
+    weights = models.mixed_weights(groups=groups)
     x = rng.normal(size=(24, *models.MIXED_INPUT)).astype(np.float32)
     labels = np.arange(24) % models.MIXED_CLASSES
     result = onnx_forget.forget(
