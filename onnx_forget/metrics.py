@@ -28,7 +28,9 @@ def class_scores(
 
 
 def probabilities(scores: np.ndarray) -> np.ndarray:
-    """Class probabilities: the scores themselves when they already are, else softmax."""
+    """Class probabilities in float64: the scores themselves when they already are, else
+    softmax (a float32 confidence near 1 would round to 1 and its log-odds to infinity)."""
+    scores = np.asarray(scores, dtype=np.float64)
     if len(scores) and np.all(scores >= 0) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
         return scores
     return scipy.special.softmax(scores, axis=1)

@@ -68,10 +68,10 @@ def tapped_pass(
     sample_set: SampleSet,
     sets: dict[str, np.ndarray],
     kept: Mapping[str, Callable[[dict[str, np.ndarray]], np.ndarray]] | None = None,
-) -> tuple[StatisticsCollector, dict[str, dict[str, np.ndarray]]]:
-    """One pass of the tapped model over each set: its Gram matrices, and per set the
-    scores and what each of `kept` takes from a batch's named outputs, `[n, ...]` each in
-    set order."""
+) -> tuple[StatisticsCollector, dict[str, np.ndarray]]:
+    """One pass of the tapped model over each set: its Gram matrices, and the scores and
+    what each of `kept` takes from a batch's named outputs, `[n, ...]` each over the
+    sets' samples in order."""
     settings = opened.settings
     collector = StatisticsCollector(
         opened.scan.layers,
@@ -83,11 +83,11 @@ def tapped_pass(
     outputs = [o.name for o in runner.session.get_outputs()]
     scores_name = opened.signature.scores_name
     keep = {scores_name: lambda named: named[scores_name], **(kept or {})}
-    values_by_set = {}
     total = sum(len(indices) for indices in sets.values())
+    rows = {key: SampleRows(total) for key in keep}
     with progress_bar(total, "collecting", settings.progress) as bar:
         for name, indices in sets.items():
-            done, rows = 0, {key: SampleRows(len(indices)) for key in keep}
+            done = 0
             for batch, values in runner.run(sample_set.load, indices, outputs):
                 named = dict(zip(outputs, values))
                 collector.add(name, named, done)
@@ -96,8 +96,7 @@ def tapped_pass(
                 done += len(batch)
                 bar.update(len(batch))
                 del values, named  # not alive while the next batch runs
-            values_by_set[name] = {key: kept_rows.result() for key, kept_rows in rows.items()}
-    return collector, values_by_set
+    return collector, {key: kept_rows.result() for key, kept_rows in rows.items()}
 
 
 def pass_over_samples(
@@ -129,12 +128,7 @@ def pass_over_samples(
             for key, sets in collector.accumulators.items()
         }
 
-    def both(key: str) -> np.ndarray | None:
-        if key not in kept[RETAIN]:
-            return None
-        return np.concatenate([kept[RETAIN][key], kept[FORGET][key]])
-
-    head_logits = dequantized(both(LOGITS), head.logits_dequantization) if head else None
+    head_logits = dequantized(kept[LOGITS], head.logits_dequantization) if head else None
     expected = (len(retain) + len(forget), opened.signature.class_count)
     problem = None
     if head_logits is not None and head_logits.shape != expected:
@@ -146,11 +140,11 @@ def pass_over_samples(
     fit = FitSamples(
         samples=sample_set,
         indices=np.concatenate([retain, forget]),
-        scores=both(opened.signature.scores_name),
+        scores=kept[opened.signature.scores_name],
         head=head if problem is None else None,
         head_logits=head_logits if problem is None else None,
         head_problem=problem,
-        features=both(FEATURES),
+        features=kept.get(FEATURES),
     )
     counts = {
         "origin": sample_set.origin,

@@ -38,8 +38,8 @@ def scores_and_features(
     opened: OpenedModel, model: onnx.ModelProto, samples: SampleSet, indices: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`model`'s scores of the samples and, when its head is known, the head's input as
-    float64 features `[n, d]` (token-wise inputs averaged over their tokens), from one
-    run. `model` is the opened one or a rewrite of it: the tensor names are the same."""
+    features `[n, d]` (token-wise inputs averaged over their tokens), from one run.
+    `model` is the opened one or a rewrite of it: the tensor names are the same."""
     head = opened.head()
     if head is None:
         return opened.scores(opened.runner(model), samples, indices), None
@@ -57,10 +57,12 @@ def scores_and_features(
 
 
 def head_features(layer: Layer, named: dict[str, np.ndarray]) -> np.ndarray:
-    """The head `layer`'s input in a batch's named outputs, dequantized, in float64,
-    `[n, d]`: token-wise inputs averaged over their tokens."""
+    """The head `layer`'s input in a batch's named outputs, dequantized, `[n, d]`:
+    token-wise inputs averaged over their tokens (in float64, kept in the inputs'
+    precision, float32 at least)."""
     inputs = dequantized(named[layer.input], layer.input_dequantization, named)
-    return inputs.reshape(len(inputs), -1, inputs.shape[-1]).mean(axis=1, dtype=np.float64)
+    tokens = inputs.reshape(len(inputs), -1, inputs.shape[-1])
+    return tokens.mean(axis=1, dtype=np.float64).astype(np.result_type(inputs.dtype, np.float32))
 
 
 def readability(
@@ -103,8 +105,8 @@ def _ridge_probe(features: np.ndarray, labels: np.ndarray, classes: np.ndarray):
     """Ridge weights from standardised features to centred one-hot targets, with the
     standardisation and the target mean; solved in whichever of the feature or sample
     space is smaller."""
-    mean = features.mean(axis=0)
-    scale = features.std(axis=0)
+    mean = features.mean(axis=0, dtype=np.float64)  # features may be float32
+    scale = features.std(axis=0, dtype=np.float64)
     scale[scale == 0] = 1.0
     inputs = (features - mean) / scale
     targets = (labels[:, None] == classes[None, :]).astype(np.float64)

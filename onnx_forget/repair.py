@@ -109,7 +109,7 @@ def repair_head(
     head = opened.head(model)
     count = opened.signature.class_count
     runner = opened.runner(add_taps(model, (head.layer,), opened.signature.scores_name))
-    targets = fit.head_logits.copy()  # the collected logits serve every α tried
+    targets = fit.head_logits.astype(np.float64)  # a copy: the logits serve every α tried
     forgotten = np.isin(fit.labels, classes)
     targets[forgotten] = forget_targets(targets[forgotten], classes)
     system = HeadSystem(head.layer.input_size, count, head.bias is not None)
