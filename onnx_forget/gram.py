@@ -116,7 +116,7 @@ class GramAccumulator:
             product = self.scratch.empty("product", self.shape, rows.dtype)
             product.fill(0)
             update(by_group, product)
-            self.total += product  # lower triangles: mirrored once, when read
+            self.total += product  # the lower triangles, as `sums` keeps them
         self.vectors += len(rows)
 
     def _outlasts_a_float32_run(self, batch_shape: tuple[int, ...], batch_vectors: int) -> bool:
@@ -134,14 +134,13 @@ class GramAccumulator:
 
     @property
     def sums(self) -> np.ndarray:
-        """The set's Gram matrices `[groups, d, d]` with rows and columns in `input_order`:
-        the live sum, float64 or, for a set of one float32 run, in the rows' precision
-        (exact in float64)."""
+        """The set's Gram matrices `[groups, d, d]` with rows and columns in `input_order`,
+        in their lower triangles (the upper ones are not kept: a Cholesky factor reads
+        one): the live sum, float64 or, for a set of one float32 run, in the rows'
+        precision (exact in float64)."""
         if self.total is None and self.float32_run is None:  # a set with no vectors
             self.total = np.zeros(self.shape)
-        sums = self.total if self.float32_run is None else self.float32_run
-        _mirror_lower_triangle(sums)  # later updates write the lower triangle only
-        return sums
+        return self.total if self.float32_run is None else self.float32_run
 
     @property
     def input_order(self) -> np.ndarray | None:
@@ -158,11 +157,12 @@ class GramAccumulator:
     def gram(self) -> np.ndarray:
         """The set's Gram matrices `[groups, d, d]` in float64 and in the weight's order,
         as statistics files hold them."""
-        sums, order = self.sums, self.input_order
-        if order is not None:
-            weight_rows = np.argsort(order)  # the row of `sums` of each weight input
-            sums = sums[:, weight_rows][:, :, weight_rows]
-        return np.asarray(sums, dtype=np.float64)
+        grams = np.array(self.sums, dtype=np.float64)
+        _mirror_lower_triangle(grams)
+        if self.input_order is None:
+            return grams
+        weight_rows = np.argsort(self.input_order)  # the row of `sums` of each weight input
+        return grams[:, weight_rows][:, :, weight_rows]
 
     def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:
         """Patches `[n, groups, d]` of this batch, all or the sampled ones.

@@ -123,7 +123,7 @@ def pass_over_samples(
         collector, kept = tapped_pass(
             opened, runner, sample_set, {RETAIN: retain, FORGET: forget}, kept
         )
-        spaces = {  # reading a float32 sum fills in its upper triangle
+        spaces = {
             key: SpacePair(sets[RETAIN].sums, sets[FORGET].sums, sets[RETAIN].input_order)
             for key, sets in collector.accumulators.items()
         }

@@ -36,9 +36,10 @@ Projection = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class SpacePair:
-    """Retain and forget Gram matrices `[groups, d, d]` of one statistic: float64, or
-    float32 where a set was summed in float32 (each meets float64 as it is factored).
-    Their rows are the weight's inputs in `input_order` (None: in the weight's order)."""
+    """Retain and forget Gram matrices `[groups, d, d]` of one statistic, read from their
+    lower triangles: float64, or float32 where a set was summed in float32 (each meets
+    float64 as it is factored). Their rows are the weight's inputs in `input_order`
+    (None: in the weight's order)."""
 
     retain: np.ndarray
     forget: np.ndarray
@@ -86,14 +87,14 @@ class _Importance:
         self.factor = None  # all-zero inputs: no energy, so M = 0
         if trace > 0:
             energies = np.divide(gram, trace, dtype=np.float64)  # (1 / trace may overflow)
-            if abs(alpha - 1.0) < NEAR_ONE:
-                self.gram = energies.copy()
+            if abs(alpha - 1.0) < NEAR_ONE:  # symmetric, from the lower triangle
+                self.gram = np.tril(energies) + np.tril(energies, -1).T
             # X / T = (alpha - 1) G / T + I, symmetric positive definite.
             shifted = energies
             shifted *= alpha - 1.0
             shifted.flat[:: len(gram) + 1] += 1.0
-            # Symmetric, so its transpose is the same matrix in the Fortran order LAPACK
-            # factors in place; the C-ordered array itself would be copied first.
+            # LAPACK factors the Fortran-ordered transpose in place (the C-ordered array
+            # itself would be copied first), reading its upper triangle: our lower one.
             self.factor = scipy.linalg.cho_factor(shifted.T, overwrite_a=True, check_finite=False)
 
     def times(self, block: np.ndarray) -> np.ndarray:

@@ -170,7 +170,8 @@ def _eigen_importance(gram: np.ndarray, alpha: float) -> np.ndarray:
 def test_factored_projection_equals_the_eigendecomposition(empty):
     """The Cholesky form of `P` equals `I - (M_f - M_f M_r)` built from eigenvectors, for
     rank-deficient Gram matrices, several α (below 1, at 1 and next to it, where `M` goes
-    through `G`, and either side of that band) and all-zero inputs (M = 0)."""
+    through `G`, and either side of that band) and all-zero inputs (M = 0), from the
+    lower triangles alone."""
     rng = np.random.default_rng(3)
     d = 12
     activations = {
@@ -190,3 +191,8 @@ def test_factored_projection_equals_the_eigendecomposition(empty):
         tiny = SpacePair(grams["retain"][None] * 1e-310, grams["forget"][None] * 1e-310)
         got = tiny.projection(alpha_r, alpha_f)(np.eye(d)[None])[0]
         assert np.max(np.abs(got - expected)) <= 1e-10, (alpha_r, alpha_f, "subnormal")
+        # Only the lower triangles are read: the accumulated sums keep no more.
+        junk = np.triu(rng.normal(size=(d, d)), 1)
+        lower = SpacePair(*((np.tril(grams[name]) + junk)[None] for name in ("retain", "forget")))
+        got = lower.projection(alpha_r, alpha_f)(np.eye(d)[None])[0]
+        assert np.max(np.abs(got - expected)) <= 1e-10, (alpha_r, alpha_f, "lower triangle")
