@@ -134,24 +134,24 @@ class GramAccumulator:
 
     @property
     def sums(self) -> np.ndarray:
-        """The set's Gram matrices `[groups, d, d]` with rows and columns in `input_order`,
-        in their lower triangles (the upper ones are not kept: a Cholesky factor reads
-        one): the live sum, float64 or, for a set of one float32 run, in the rows'
+        """The set's Gram matrices `[groups, d, d]`, rows and columns read as `kernel_major`
+        says, in their lower triangles (the upper ones are not kept: a Cholesky factor
+        reads one): the live sum, float64 or, for a set of one float32 run, in the rows'
         precision (exact in float64)."""
         if self.total is None and self.float32_run is None:  # a set with no vectors
             self.total = np.zeros(self.shape)
         return self.total if self.float32_run is None else self.float32_run
 
     @property
-    def input_order(self) -> np.ndarray | None:
-        """The weight input (`(channel, *kernel)` for a conv) of each row of `sums`, or
-        None where they are in the weight's order. A one-group conv's patches are
-        gathered `(*kernel, channel)`: putting its sums in the weight's order would cost a
-        `d x d` copy, where applying the order to the weight's `d` rows costs nothing."""
+    def kernel_major(self) -> int:
+        """The kernel taps by which the rows of `sums` run first: a one-group conv's
+        patches are gathered `(*kernel, channel)`, its weight's inputs are
+        `(channel, *kernel)`. 1 where the rows are in the weight's order. Putting the sums
+        in the weight's order would copy them; the projection reorders the weight's `d`
+        rows instead."""
         if self.geometry is None or self.groups > 1:
-            return None
-        taps = math.prod(self.geometry.kernel)
-        return np.arange(self.input_size).reshape(-1, taps).T.reshape(-1)
+            return 1
+        return math.prod(self.geometry.kernel)
 
     @property
     def gram(self) -> np.ndarray:
@@ -159,16 +159,18 @@ class GramAccumulator:
         as statistics files hold them."""
         grams = np.array(self.sums, dtype=np.float64)
         _mirror_lower_triangle(grams)
-        if self.input_order is None:
+        taps = self.kernel_major
+        if taps == 1:
             return grams
-        weight_rows = np.argsort(self.input_order)  # the row of `sums` of each weight input
-        return grams[:, weight_rows][:, :, weight_rows]
+        per_tap = self.input_size // taps
+        by_tap = grams.reshape(self.groups, taps, per_tap, taps, per_tap)
+        return by_tap.transpose(0, 2, 1, 4, 3).reshape(self.shape)
 
     def _patches(self, values: np.ndarray, first_sample: int) -> np.ndarray:
         """Patches `[n, groups, d]` of this batch, all or the sampled ones.
 
         With one group they are gathered from the input moved channels-last, as runs of
-        contiguous channels, in `(*kernel, channel)` order (see `input_order`). A grouped
+        contiguous channels, in `(*kernel, channel)` order (see `kernel_major`). A grouped
         conv's patches (a depthwise one's are a few taps of one channel) come from the
         windows view in the weight's `(channel, *kernel)` order directly.
         """

@@ -124,7 +124,7 @@ def pass_over_samples(
             opened, runner, sample_set, {RETAIN: retain, FORGET: forget}, kept
         )
         spaces = {
-            key: SpacePair(sets[RETAIN].sums, sets[FORGET].sums, sets[RETAIN].input_order)
+            key: SpacePair(sets[RETAIN].sums, sets[FORGET].sums, sets[RETAIN].kernel_major)
             for key, sets in collector.accumulators.items()
         }
 

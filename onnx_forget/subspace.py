@@ -38,12 +38,12 @@ Projection = Callable[[np.ndarray], np.ndarray]
 class SpacePair:
     """Retain and forget Gram matrices `[groups, d, d]` of one statistic, read from their
     lower triangles: float64, or float32 where a set was summed in float32 (each meets
-    float64 as it is factored). Their rows are the weight's inputs in `input_order`
-    (None: in the weight's order)."""
+    float64 as it is factored). Their rows are the weight's `(channel, *kernel)` inputs,
+    or with `kernel_major` taps, those inputs read `(*kernel, channel)`."""
 
     retain: np.ndarray
     forget: np.ndarray
-    input_order: np.ndarray | None = None
+    kernel_major: int = 1
 
     def projection(self, alpha_r: float, alpha_f: float) -> Projection:
         """`P = I - M_f (I - M_r)` per group, as factors: forming `P` is never needed."""
@@ -51,23 +51,31 @@ class SpacePair:
             (_Importance(retain, alpha_r), _Importance(forget, alpha_f))
             for retain, forget in zip(self.retain, self.forget)
         ]
-        order = self.input_order
+        taps = self.kernel_major
 
         def apply(columns: np.ndarray) -> np.ndarray:
-            ordered = columns if order is None else columns[:, order]
-            projected = np.stack(
-                [
-                    block - m_forget.times(m_retain.complement_times(block))
-                    for (m_retain, m_forget), block in zip(factors, ordered)
-                ]
-            )
-            if order is None:
-                return projected
-            in_weight_order = np.empty_like(projected)
-            in_weight_order[:, order] = projected
-            return in_weight_order
+            groups, size, count = columns.shape
+            ordered = _swap_row_axes(columns, size // taps, taps)
+            # Each block stays in the Fortran order of a weight stored `[k, d]` (a conv's
+            # or Gemm's): the order LAPACK solves in, and the rows' reorder is a strided
+            # copy of contiguous runs.
+            projected = np.empty((groups, count, size)).transpose(0, 2, 1)
+            for (m_retain, m_forget), block, result in zip(factors, ordered, projected):
+                result[...] = block - m_forget.times(m_retain.complement_times(block))
+            return _swap_row_axes(projected, taps, size // taps)
 
         return apply
+
+
+def _swap_row_axes(columns: np.ndarray, outer: int, inner: int) -> np.ndarray:
+    """`columns` `[groups, d, k]` with its `d` rows read as `[outer, inner]`, reordered
+    to `[inner, outer]`: the same array when either is 1."""
+    if outer == 1 or inner == 1:
+        return columns
+    groups, size, count = columns.shape
+    by_row = columns.transpose(0, 2, 1).reshape(groups, count, outer, inner)
+    swapped = by_row.transpose(0, 1, 3, 2).reshape(groups, count, size)
+    return swapped.transpose(0, 2, 1)
 
 
 # Below this `|alpha - 1|`, `M` is applied through `G` (rounding of the `G`-free form
