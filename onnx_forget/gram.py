@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import numpy as np
 import scipy.linalg
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import UnsupportedModelError
 from .integer_layers import dequantized
@@ -171,8 +170,9 @@ class GramAccumulator:
 
         With one group they are gathered from the input moved channels-last, as runs of
         contiguous channels, in `(*kernel, channel)` order (see `kernel_major`). A grouped
-        conv's patches (a depthwise one's are a few taps of one channel) come from the
-        windows view in the weight's `(channel, *kernel)` order directly.
+        conv's (a depthwise one's are a few taps of one channel) are gathered within each
+        channel's own plane into `[channel, tap, patch]`: each group's `[d, n]` block, in
+        the weight's `(channel, *kernel)` order, ready for its product.
         """
         out_shape = output_shape(values.shape[2:], self.geometry)
         positions = math.prod(out_shape)
@@ -182,18 +182,22 @@ class GramAccumulator:
         else:
             samples, position = self._sampled(first_sample, len(values), positions)
         corners = np.unravel_index(position, out_shape)
-        if self.groups > 1:
-            picked = conv_windows(values, self.geometry)[(samples, slice(None), *corners)]
-            return picked.reshape(len(samples), self.groups, self.input_size)
-        grid = _PaddedGrid(values, self.geometry)
-        starts = samples * grid.cells
+        grouped = self.groups > 1
+        grid = _PaddedGrid(values, self.geometry, channels_last=not grouped)
+        starts = samples * grid.positions
         for axis, corner in enumerate(corners):
             starts += corner * (self.geometry.strides[axis] * grid.steps[axis])
         flat = starts[:, None] + grid.kernel_offsets  # [n, k] cells of each patch's taps
-        rows = self.scratch.empty("patches", (*flat.shape, values.shape[1]), values.dtype)
         # Into a reused buffer: a fresh one per batch spent most of the gather faulting
         # in pages. Every index is in the grid, so "clip" only skips numpy's checks.
-        np.take(grid.cells_by_channel, flat, axis=0, out=rows, mode="clip")
+        if grouped:
+            shape = (values.shape[1], flat.shape[1], len(samples))
+            patches = self.scratch.empty("patches", shape, values.dtype)
+            np.take(grid.cells, flat.T, axis=1, out=patches, mode="clip")
+            by_group = patches.reshape(self.groups, self.input_size, len(samples))
+            return by_group.transpose(2, 0, 1)
+        rows = self.scratch.empty("patches", (*flat.shape, values.shape[1]), values.dtype)
+        np.take(grid.cells, flat, axis=0, out=rows, mode="clip")
         return rows.reshape(len(samples), 1, self.input_size)
 
     def _sampled(self, first_sample: int, count: int, positions: int):
@@ -242,21 +246,25 @@ class Scratch:
 
 
 class _PaddedGrid:
-    """A conv's input `[N, C, *sizes]` padded as the convolution sees it (zeros) and moved
-    channels-last, `cells_by_channel` `[N * cells, C]`, with where each patch's kernel
-    taps sit relative to its corner."""
+    """A conv's input `[N, C, *sizes]` padded as the convolution sees it (zeros), as
+    `cells`: `[N * positions, C]` channels-last, or `[C, N * positions]` one plane per
+    channel; with where each patch's kernel taps sit relative to its corner."""
 
-    def __init__(self, values: np.ndarray, geometry: ConvGeometry):
+    def __init__(self, values: np.ndarray, geometry: ConvGeometry, channels_last: bool):
         spatial = len(geometry.kernel)
         sizes = values.shape[2:]
         pads = conv_pads(sizes, _reach(geometry), geometry)
-        padded = np.pad(
-            np.moveaxis(values, 1, -1), [(0, 0), *zip(pads[:spatial], pads[spatial:]), (0, 0)]
-        )
-        padded_sizes = padded.shape[1:-1]
-        self.cells = math.prod(padded_sizes)
+        padding = list(zip(pads[:spatial], pads[spatial:]))
+        if channels_last:
+            padded = np.pad(np.moveaxis(values, 1, -1), [(0, 0), *padding, (0, 0)])
+            padded_sizes = padded.shape[1:-1]
+            self.cells = padded.reshape(-1, values.shape[1])
+        else:
+            padded = np.pad(values.swapaxes(0, 1), [(0, 0), (0, 0), *padding])
+            padded_sizes = padded.shape[2:]
+            self.cells = padded.reshape(values.shape[1], -1)
+        self.positions = math.prod(padded_sizes)
         self.steps = [math.prod(padded_sizes[axis + 1 :]) for axis in range(spatial)]
-        self.cells_by_channel = padded.reshape(-1, values.shape[1])
         taps = np.indices(geometry.kernel).reshape(spatial, -1)  # [spatial, k], row-major
         self.kernel_offsets = sum(
             taps[axis] * (geometry.dilations[axis] * self.steps[axis]) for axis in range(spatial)
@@ -296,20 +304,6 @@ def _ordinals(labels: np.ndarray) -> np.ndarray:
         members = labels == label
         ordinals[members] = np.arange(np.count_nonzero(members))
     return ordinals
-
-
-def conv_windows(values: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """A view `[N, C, *out, *kernel]` of every receptive field of a conv's input.
-
-    Follows ONNX Conv: explicit `pads` or `auto_pad`, then strides on the output grid and
-    dilations inside the kernel. Padding is zeros, as the convolution sees it.
-    """
-    spatial = len(geometry.kernel)
-    pads = conv_pads(values.shape[2:], _reach(geometry), geometry)
-    padded = np.pad(values, [(0, 0), (0, 0), *zip(pads[:spatial], pads[spatial:])])
-    windows = sliding_window_view(padded, _reach(geometry), axis=tuple(range(2, 2 + spatial)))
-    strided = (slice(None), slice(None), *(slice(None, None, s) for s in geometry.strides))
-    return windows[strided + tuple(slice(None, None, d) for d in geometry.dilations)]
 
 
 def conv_pads(sizes, reach, geometry: ConvGeometry) -> tuple[int, ...]:

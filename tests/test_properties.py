@@ -19,12 +19,13 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnx_forget import gram
 from onnx_forget.errors import InputError
-from onnx_forget.gram import GramAccumulator, conv_windows
+from onnx_forget.gram import GramAccumulator, conv_pads
 from onnx_forget.layer_scan import CONV, IN_OUT, scan_layers
 from onnx_forget.options import Preprocessing
 from onnx_forget.rewrite import rewrite_model
@@ -63,6 +64,19 @@ def _any_shape(name: str, rank: int) -> onnx.ValueInfoProto:
 
 def _eps(dtype) -> float:
     return float(ml_dtypes.finfo(dtype).eps)
+
+
+def conv_windows(values: np.ndarray, geometry) -> np.ndarray:
+    """The reference for conv patches: a view `[N, C, *out, *kernel]` of every receptive
+    field, following ONNX Conv (explicit `pads` or `auto_pad`, then strides on the output
+    grid and dilations inside the kernel; zero padding, as the convolution sees it)."""
+    spatial = len(geometry.kernel)
+    reach = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
+    pads = conv_pads(values.shape[2:], reach, geometry)
+    padded = np.pad(values, [(0, 0), (0, 0), *zip(pads[:spatial], pads[spatial:])])
+    windows = sliding_window_view(padded, reach, axis=tuple(range(2, 2 + spatial)))
+    strided = (slice(None), slice(None), *(slice(None, None, s) for s in geometry.strides))
+    return windows[strided + tuple(slice(None, None, d) for d in geometry.dilations)]
 
 
 def _apply(x: np.ndarray, weight: np.ndarray, layer, transform=None) -> np.ndarray:
