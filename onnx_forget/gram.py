@@ -57,8 +57,8 @@ class GramAccumulator:
     A set that fits one float32 run (see FLOAT32_RUN_VECTORS) sums in a buffer of the rows'
     precision; a larger one adds each batch's product, made in `scratch` (one buffer
     shared by a collector's accumulators), into a float64 total. Either way a set holds one
-    `d x d` sum (4 or 8 bytes an entry) in the weight's input order, however many samples
-    it sees.
+    `d x d` sum (4 or 8 bytes an entry; rows in the order `kernel_major` says), however
+    many samples it sees.
     """
 
     def __init__(

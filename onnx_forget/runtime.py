@@ -477,8 +477,8 @@ def onnxruntime_gram(provider: str) -> GramUpdate:
 
     def update(rows: np.ndarray, sums: np.ndarray) -> None:
         try:
-            # onnxruntime takes C-ordered arrays only: a grouped layer's `[groups, n, d]`
-            # view of `[n, groups, d]` patches is copied once here.
+            # onnxruntime takes C-ordered arrays only: a grouped layer's rows, a
+            # transposed view of its `[groups, d, n]` patches, are copied once here.
             sums += session.run(None, {"rows": np.ascontiguousarray(rows)})[0]
         except ORT_ERRORS as error:
             raise UnsupportedModelError(
