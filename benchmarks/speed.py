@@ -474,24 +474,29 @@ def memory_bound(model: Path, x, args) -> dict[str, float]:
 def gram_floor(model: Path, x, args) -> dict[str, float]:
     """What collection cannot go below with this statistics choice: the Gram
     multiply-adds of the run's retain and forget sets (each class's rows, its conv patches
-    capped at the patch budget) and this machine's rate for them, measured now on the same
+    capped at the patch budget; a one-group set of at most d / 2 vectors is kept as its
+    vectors, whose products are made with the factors instead) and this machine's rate
+    for them, measured now on the same
     numpy update the run uses: its fastest of 7 tries, since a floor is what the machine
     can do (a median of 3 once read 111 G/s where other runs read 180-207)."""
     layers = statistic_layers(onnx_forget.layers(model).layers)
     proto = onnx.load(str(model))
     session = tapped_session(proto, [layer.input for layer in layers], PROVIDERS[args.device])
     values = session.run(None, {INPUT_NAME: x[:1]})[1:]  # one sample's input to each layer
-    per_class = [args.retain // args.classes] * args.classes + [args.forget]
+    sets = ([args.retain // args.classes] * args.classes, [args.forget])  # samples per class
     multiply_adds = 0
     for layer, value in zip(layers, values):
         if layer.geometry is None:
             rows = value.size // layer.input_size  # rows per sample
         else:
             rows = math.prod(output_shape(value.shape[2:], layer.geometry))
-        kept = sum(
-            min(n * rows, DEFAULT_MAX_PATCHES) if layer.geometry else n * rows for n in per_class
-        )
-        multiply_adds += kept * layer.groups * layer.input_size**2
+        for per_class in sets:
+            vectors = sum(
+                min(n * rows, DEFAULT_MAX_PATCHES) if layer.geometry else n * rows
+                for n in per_class
+            )
+            if layer.groups > 1 or 2 * vectors > layer.input_size:
+                multiply_adds += vectors * layer.groups * layer.input_size**2
     sample = np.random.default_rng(SEED).standard_normal((1, 8192, 1152), np.float32)
     sums = np.zeros((1, 1152, 1152), np.float32)
     times = []

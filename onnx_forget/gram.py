@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -45,6 +46,16 @@ def numpy_gram_update(rows: np.ndarray, sums: np.ndarray) -> None:
         sums += rows.transpose(0, 2, 1) @ rows
 
 
+@dataclass(frozen=True)
+class Vectors:
+    """A one-group set's input vectors `[n, d]` themselves, kept instead of their Gram
+    matrix where `2 n <= d`: its `d x d` Gram matrix has rank at most `n`, and the
+    decomposition can work with the `n x n` products of the vectors instead (see
+    `subspace`), at a fraction of the memory and flops."""
+
+    rows: np.ndarray
+
+
 class GramAccumulator:
     """Sum of `x x^T` over one sample set's input vectors of one statistic, per group.
 
@@ -54,11 +65,12 @@ class GramAccumulator:
     pairs, seeded by `(seed, statistic number, class)`. Drawing per class makes a set's
     Gram matrix the sum of its classes' ones, whichever way the samples were grouped.
 
-    A set that fits one float32 run (see FLOAT32_RUN_VECTORS) sums in a buffer of the rows'
-    precision; a larger one adds each batch's product, made in `scratch` (one buffer
-    shared by a collector's accumulators), into a float64 total. Either way a set holds one
-    `d x d` sum (4 or 8 bytes an entry; rows in the order `kernel_major` says), however
-    many samples it sees.
+    A one-group set of at most `d / 2` vectors keeps the vectors themselves (`Vectors`).
+    Any other set that fits one float32 run (see FLOAT32_RUN_VECTORS) sums in a buffer of
+    the rows' precision; a larger one adds each batch's product, made in `scratch` (one
+    buffer shared by a collector's accumulators), into a float64 total. Either way a set
+    holds at most one `d x d` sum (4 or 8 bytes an entry; rows in the order
+    `kernel_major` says), however many samples it sees.
     """
 
     def __init__(
@@ -83,6 +95,7 @@ class GramAccumulator:
         self.seed = seed
         self.float32_run: np.ndarray | None = None  # lower triangles, the rows' precision
         self.total: np.ndarray | None = None  # float64, in the weight's order
+        self.kept: np.ndarray | None = None  # [n, d] the set's vectors, where n <= d / 2
         self.vectors = 0
         self._chosen: dict[int, np.ndarray] = {}  # class -> sorted flat (sample, position)
 
@@ -102,48 +115,74 @@ class GramAccumulator:
             rows = self._patches(values, first_sample)
         # The batch's products in float32 at least (float16 activations are widened).
         rows = rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
-        update = self.update if rows.dtype == np.float32 else numpy_gram_update
-        by_group = rows.transpose(1, 0, 2)  # [groups, n, d]
-        if self.total is None and self.float32_run is None:  # the set's first batch
-            if self._outlasts_a_float32_run(values.shape, len(rows)):
-                self.total = np.zeros(self.shape, dtype=np.float64)
-            else:
-                self.float32_run = np.zeros(self.shape, dtype=rows.dtype)
+        if self.total is None and self.float32_run is None and self.kept is None:
+            self._begin(values.shape, rows)  # the set's first batch
+        if self.kept is not None and self.vectors + len(rows) > len(self.kept):
+            self._fold_kept_rows()  # more vectors than the first batch foretold
+        if self.kept is not None:
+            self.kept[self.vectors : self.vectors + len(rows)] = rows[:, 0]
+        else:
+            self._sum(rows.transpose(1, 0, 2))
+        self.vectors += len(rows)
+
+    def _begin(self, batch_shape: tuple[int, ...], rows: np.ndarray) -> None:
+        """Choose how the set is kept, from its first batch (`[n, C, *sizes]` tapped, its
+        `rows` `[n, groups, d]`): its vectors themselves where they will be at most half as
+        many as their dimension (one group), else a float32 run or a float64 total."""
+        vectors, batches = self._expected_size(batch_shape, len(rows))
+        if self.groups == 1 and 2 * vectors <= self.input_size:
+            self.kept = np.empty((vectors, self.input_size), dtype=rows.dtype)
+        elif vectors > FLOAT32_RUN_VECTORS or batches > FLOAT32_RUN_BATCHES:
+            self.total = np.zeros(self.shape, dtype=np.float64)
+        else:
+            self.float32_run = np.zeros(self.shape, dtype=rows.dtype)
+
+    def _sum(self, by_group: np.ndarray) -> None:
+        """Add the products of rows `[groups, n, d]` into the set's sums."""
+        update = self.update if by_group.dtype == np.float32 else numpy_gram_update
         if self.float32_run is not None:
             update(by_group, self.float32_run)
         else:
-            product = self.scratch.empty("product", self.shape, rows.dtype)
+            product = self.scratch.empty("product", self.shape, by_group.dtype)
             product.fill(0)
             update(by_group, product)
             self.total += product  # the lower triangles, as `sums` keeps them
-        self.vectors += len(rows)
 
-    def _outlasts_a_float32_run(self, batch_shape: tuple[int, ...], batch_vectors: int) -> bool:
-        """Whether the whole set, judged from its first batch (`[n, C, *sizes]` tapped,
-        `batch_vectors` vectors), has more vectors or batches than one float32 run takes."""
+    def _fold_kept_rows(self) -> None:
+        """Sum the vectors kept so far into a float64 total, which the set goes on in."""
+        kept = self.kept[: self.vectors]
+        self.kept = None
+        self.total = np.zeros(self.shape, dtype=np.float64)
+        self._sum(kept[None])
+
+    def _expected_size(self, batch_shape: tuple[int, ...], batch_vectors: int):
+        """The whole set's vectors and batches, judged from its first batch."""
         samples, batch_samples = len(self.labels), batch_shape[0]
         batches = math.ceil(samples / max(1, batch_samples))
         if self.geometry is None or self.budget == 0:  # every vector of every sample
-            vectors = samples * batch_vectors / max(1, batch_samples)
+            vectors = samples * batch_vectors // max(1, batch_samples)
         else:
             positions = math.prod(output_shape(batch_shape[2:], self.geometry))
             sizes = self.class_sizes.values()
             vectors = sum(min(self.budget, int(size) * positions) for size in sizes)
-        return vectors > FLOAT32_RUN_VECTORS or batches > FLOAT32_RUN_BATCHES
+        return vectors, batches
 
     @property
-    def sums(self) -> np.ndarray:
-        """The set's Gram matrices `[groups, d, d]`, rows and columns read as `kernel_major`
-        says, in their lower triangles (the upper ones are not kept: a Cholesky factor
-        reads one): the live sum, float64 or, for a set of one float32 run, in the rows'
-        precision (exact in float64)."""
+    def statistic(self) -> np.ndarray | Vectors:
+        """What the decomposition reads, rows and columns as `kernel_major` says: the
+        set's `Vectors` where it kept them, else its Gram matrices `[groups, d, d]` in
+        their lower triangles (the upper ones are not kept: a Cholesky factor reads one),
+        float64 or, for a set of one float32 run, in the rows' precision (exact in
+        float64)."""
+        if self.kept is not None:
+            return Vectors(self.kept[: self.vectors])
         if self.total is None and self.float32_run is None:  # a set with no vectors
             self.total = np.zeros(self.shape)
         return self.total if self.float32_run is None else self.float32_run
 
     @property
     def kernel_major(self) -> int:
-        """The kernel taps by which the rows of `sums` run first: a one-group conv's
+        """The kernel taps by which the rows of `statistic` run first: a one-group conv's
         patches are gathered `(*kernel, channel)`, its weight's inputs are
         `(channel, *kernel)`. 1 where the rows are in the weight's order. Putting the sums
         in the weight's order would copy them; the projection reorders the weight's `d`
@@ -156,7 +195,12 @@ class GramAccumulator:
     def gram(self) -> np.ndarray:
         """The set's Gram matrices `[groups, d, d]` in float64 and in the weight's order,
         as statistics files hold them."""
-        grams = np.array(self.sums, dtype=np.float64)
+        statistic = self.statistic
+        if isinstance(statistic, Vectors):
+            grams = np.zeros(self.shape)
+            numpy_gram_update(statistic.rows[None].astype(np.float64), grams)
+        else:
+            grams = np.array(statistic, dtype=np.float64)
         _mirror_lower_triangle(grams)
         taps = self.kernel_major
         if taps == 1:

@@ -124,7 +124,9 @@ def pass_over_samples(
             opened, runner, sample_set, {RETAIN: retain, FORGET: forget}, kept
         )
         spaces = {
-            key: SpacePair(sets[RETAIN].sums, sets[FORGET].sums, sets[RETAIN].kernel_major)
+            key: SpacePair(
+                sets[RETAIN].statistic, sets[FORGET].statistic, sets[RETAIN].kernel_major
+            )
             for key, sets in collector.accumulators.items()
         }
 

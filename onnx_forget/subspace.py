@@ -19,6 +19,9 @@ eigendecomposition: about a thirtieth of the flops, every one of them in matrix-
 BLAS, and condition number at most `max(alpha, 1/alpha)`. The right-hand forms need no
 product with `G` at all; their rounding grows as `1 / |alpha - 1|`, so near `alpha = 1`
 the left-hand forms are used. Both are computed with `X / T` and `G / T`, of scale 1.
+
+A set kept as its `n <= d / 2` vectors `A` (`G = A^T A`, see `gram.Vectors`) is factored
+through its `n x n` products instead (`_VectorImportance`).
 """
 
 from __future__ import annotations
@@ -30,26 +33,29 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from .gram import Vectors
+
 # Applies `P` to column blocks: `[groups, d, k]` -> `[groups, d, k]`.
 Projection = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
 class SpacePair:
-    """Retain and forget Gram matrices `[groups, d, d]` of one statistic, read from their
-    lower triangles: float64, or float32 where a set was summed in float32 (each meets
-    float64 as it is factored). Their rows are the weight's `(channel, *kernel)` inputs,
-    or with `kernel_major` taps, those inputs read `(*kernel, channel)`."""
+    """Retain and forget statistics of one statistic: each a set's Gram matrices
+    `[groups, d, d]`, read from their lower triangles (float64, or float32 where a set was
+    summed in float32: each meets float64 as it is factored), or a one-group set's
+    `Vectors`. Their `d` axes are the weight's `(channel, *kernel)` inputs, or with
+    `kernel_major` taps, those inputs read `(*kernel, channel)`."""
 
-    retain: np.ndarray
-    forget: np.ndarray
+    retain: np.ndarray | Vectors
+    forget: np.ndarray | Vectors
     kernel_major: int = 1
 
     def projection(self, alpha_r: float, alpha_f: float) -> Projection:
         """`P = I - M_f (I - M_r)` per group, as factors: forming `P` is never needed."""
         factors = [
-            (_Importance(retain, alpha_r), _Importance(forget, alpha_f))
-            for retain, forget in zip(self.retain, self.forget)
+            (_importance(retain, alpha_r), _importance(forget, alpha_f))
+            for retain, forget in zip(_by_group(self.retain), _by_group(self.forget))
         ]
         taps = self.kernel_major
 
@@ -76,6 +82,18 @@ def _swap_row_axes(columns: np.ndarray, outer: int, inner: int) -> np.ndarray:
     by_row = columns.transpose(0, 2, 1).reshape(groups, count, outer, inner)
     swapped = by_row.transpose(0, 1, 3, 2).reshape(groups, count, size)
     return swapped.transpose(0, 2, 1)
+
+
+def _by_group(statistic: np.ndarray | Vectors) -> list:
+    """A set's statistic for each group: `Vectors` are of one group."""
+    return [statistic] if isinstance(statistic, Vectors) else list(statistic)
+
+
+def _importance(statistic: np.ndarray | Vectors, alpha: float):
+    """`M` of one group's statistic, factored."""
+    if isinstance(statistic, Vectors):
+        return _VectorImportance(statistic.rows, alpha)
+    return _Importance(statistic, alpha)
 
 
 # Below this `|alpha - 1|`, `M` is applied through `G` (rounding of the `G`-free form
@@ -131,6 +149,48 @@ class _Importance:
     def _solve(self, block: np.ndarray) -> np.ndarray:
         """`(X / T)^{-1} block`."""
         return scipy.linalg.cho_solve(self.factor, block, check_finite=False)
+
+
+class _VectorImportance:
+    """`M` of a set kept as its vectors `A` `[n, d]`, through `n x n` factors.
+
+    With `K = A A^T`, `G (X / T)^{-1} = A^T ((alpha - 1) K / T + I)^{-1} A / T` (the
+    push-through identity), so with `A' = A / sqrt(T)` (its `K'` has trace 1):
+
+        M = alpha A'^T Y^{-1} A',    Y = (alpha - 1) K' + I.
+
+    `Y` is symmetric positive definite for any `alpha > 0`, with condition number at most
+    `max(alpha, 1/alpha)`, and nothing divides by `alpha - 1`: one form serves every
+    alpha. For `n <= d / 2` its factor is at most an eighth of the `d x d` one's flops.
+    """
+
+    def __init__(self, rows: np.ndarray, alpha: float):
+        self.alpha = alpha
+        self.rows = None  # no vectors, or all zero: no energy, so M = 0
+        scaled = rows.astype(np.float64)
+        largest = np.abs(scaled).max(initial=0.0)
+        if largest > 0:
+            scaled /= largest  # so that the trace can neither overflow nor underflow
+            scaled /= np.sqrt(np.einsum("ij,ij->", scaled, scaled))
+            # `(alpha - 1) K'` into the upper triangle of a Fortran-ordered array, which
+            # LAPACK factors in place.
+            syrk = scipy.linalg.blas.get_blas_funcs("syrk", (scaled,))
+            shifted = syrk(alpha - 1.0, scaled.T, trans=1)
+            shifted.flat[:: len(shifted) + 1] += 1.0
+            self.factor = scipy.linalg.cho_factor(shifted, overwrite_a=True, check_finite=False)
+            self.rows = scaled
+
+    def times(self, block: np.ndarray) -> np.ndarray:
+        """`M @ block`."""
+        if self.rows is None:
+            return np.zeros_like(block)
+        solved = scipy.linalg.cho_solve(self.factor, self.rows @ block, check_finite=False)
+        solved *= self.alpha
+        return self.rows.T @ solved
+
+    def complement_times(self, block: np.ndarray) -> np.ndarray:
+        """`(I - M) @ block`."""
+        return block - self.times(block)
 
 
 class Projections:

@@ -8,6 +8,7 @@ import pytest
 import scipy.linalg
 
 import onnx_forget
+from onnx_forget.gram import Vectors
 from onnx_forget.layer_scan import scan_layers
 from onnx_forget.rewrite import rewrite_model
 from onnx_forget.subspace import SpacePair
@@ -171,15 +172,17 @@ def test_factored_projection_equals_the_eigendecomposition(empty):
     """The Cholesky form of `P` equals `I - (M_f - M_f M_r)` built from eigenvectors, for
     rank-deficient Gram matrices, several α (below 1, at 1 and next to it, where `M` goes
     through `G`, and either side of that band) and all-zero inputs (M = 0), from the
-    lower triangles alone."""
+    lower triangles alone; and the same from the vectors themselves (`Vectors`, factored
+    through `n x n` products), alone or beside a Gram matrix."""
     rng = np.random.default_rng(3)
     d = 12
     activations = {
         name: rng.normal(size=(d, rank)) for name, rank in (("retain", 7), ("forget", 3))
     }
-    grams = {name: a @ a.T for name, a in activations.items()}
     if empty:
-        grams[empty] = np.zeros((d, d))
+        activations[empty] = np.zeros((d, 0))
+    grams = {name: a @ a.T for name, a in activations.items()}
+    vectors = {name: Vectors(a.T) for name, a in activations.items()}
     for alpha_r, alpha_f in ((100, 3), (0.5, 10), (1, 1), (1 + 1e-9, 1 - 1e-4), (1.002, 0.998)):
         m_r = _eigen_importance(grams["retain"], alpha_r)
         m_f = _eigen_importance(grams["forget"], alpha_f)
@@ -196,3 +199,10 @@ def test_factored_projection_equals_the_eigendecomposition(empty):
         lower = SpacePair(*((np.tril(grams[name]) + junk)[None] for name in ("retain", "forget")))
         got = lower.projection(alpha_r, alpha_f)(np.eye(d)[None])[0]
         assert np.max(np.abs(got - expected)) <= 1e-10, (alpha_r, alpha_f, "lower triangle")
+        for retain, forget in (
+            (vectors["retain"], vectors["forget"]),
+            (vectors["retain"], grams["forget"][None]),
+            (Vectors(vectors["retain"].rows * 1e-160), Vectors(vectors["forget"].rows * 1e-160)),
+        ):
+            got = SpacePair(retain, forget).projection(alpha_r, alpha_f)(np.eye(d)[None])[0]
+            assert np.max(np.abs(got - expected)) <= 1e-10, (alpha_r, alpha_f, "vectors")

@@ -1,5 +1,5 @@
-"""Streaming Gram matrices against float64 references: any batch size, and the BLAS
-update whatever the layout of the sum it is given."""
+"""Streaming Gram matrices against float64 references: any batch size, sets kept as their
+vectors, and the BLAS update whatever the layout of the sum it is given."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_forget.gram import GramAccumulator, numpy_gram_update
+from onnx_forget.gram import GramAccumulator, Vectors, numpy_gram_update
 from onnx_forget.layer_scan import scan_layers
 from tests import models
 
@@ -56,3 +56,29 @@ def test_update_reaches_a_sum_blas_cannot_update_in_place(layout):
     expected = rows[0].astype(np.float64).T @ rows[0].astype(np.float64)
     lower = np.tril_indices(4)
     assert np.allclose(sums[0][lower], expected[lower], rtol=1e-6)
+
+
+def test_a_set_of_few_vectors_keeps_them_and_sums_them_when_more_come():
+    """At most d / 2 vectors are kept as they are; a batch beyond what the first batch
+    foretold (here a sequence that grows) folds them into a sum. The Gram matrix is the
+    same either way."""
+    rng = np.random.default_rng(2)
+    few = rng.normal(size=(WIDTH // 2, WIDTH)).astype(np.float32)
+    accumulator = GramAccumulator(_fully_connected_layer(), np.zeros(len(few), int), 0, (0, 0))
+    for start in range(0, len(few), 8):
+        accumulator.add(few[start : start + 8], start)
+    assert isinstance(accumulator.statistic, Vectors)
+    assert np.array_equal(accumulator.statistic.rows, few)
+    exact = few.astype(np.float64).T @ few.astype(np.float64)
+    assert np.abs(accumulator.gram[0] - exact).max() <= 1e-12 * np.abs(exact).max()
+
+    sequence = rng.normal(size=(4, 5, WIDTH)).astype(np.float32)  # 4 samples
+    accumulator = GramAccumulator(_fully_connected_layer(), np.zeros(4, int), 0, (0, 0))
+    accumulator.add(sequence[:2, :1], 0)  # one vector a sample foretells 4 in all
+    assert isinstance(accumulator.statistic, Vectors)
+    accumulator.add(sequence[2:], 2)  # then 5 a sample
+    assert not isinstance(accumulator.statistic, Vectors)
+    rows = np.concatenate([sequence[:2, 0], sequence[2:].reshape(-1, WIDTH)]).astype(np.float64)
+    exact = rows.T @ rows
+    assert np.abs(accumulator.gram[0] - exact).max() <= 1e-6 * np.abs(exact).max()
+    assert accumulator.vectors == len(rows)
