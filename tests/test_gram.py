@@ -14,12 +14,12 @@ from tests import models
 WIDTH = 64
 
 
-def _fully_connected_layer():
-    """The one MatMul layer of a `[N, WIDTH] @ [WIDTH, 3]` model."""
-    weight = np.zeros((WIDTH, 3), np.float32)
+def _fully_connected_layer(width: int = WIDTH):
+    """The one MatMul layer of a `[N, width] @ [width, 3]` model."""
+    weight = np.zeros((width, 3), np.float32)
     model = models.make_model(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
         [numpy_helper.from_array(weight, "w")],
     )
@@ -27,14 +27,19 @@ def _fully_connected_layer():
     return layer
 
 
-@pytest.mark.parametrize(("batch", "tolerance"), [(1, 1e-7), (7, 1e-7), (512, 1e-6)])
-def test_gram_agrees_with_float64_at_any_batch_size(batch, tolerance):
+@pytest.mark.parametrize(
+    ("batch", "tolerance", "width"),
+    [(1, 1e-7, WIDTH), (7, 1e-7, WIDTH), (7, 1e-7, 600), (512, 1e-6, WIDTH)],
+)
+def test_gram_agrees_with_float64_at_any_batch_size(batch, tolerance, width):
     """A set of many small batches sums in float64 batch by batch, so small batches are no
     less accurate than one float32 product of many rows (against an exact float64 sum; a
-    float32 sum over every batch of one vector measured 1.7e-6 here)."""
-    rows = np.maximum(np.random.default_rng(0).normal(size=(3000, WIDTH)) + 0.5, 0)
+    float32 sum over every batch of one vector measured 1.7e-6 here). The float64 sum adds
+    lower triangles block by block (600 wide: three blocks)."""
+    rows = np.maximum(np.random.default_rng(0).normal(size=(3000, width)) + 0.5, 0)
     rows = rows.astype(np.float32)
-    accumulator = GramAccumulator(_fully_connected_layer(), np.zeros(len(rows), int), 0, (0, 0))
+    layer = _fully_connected_layer(width)
+    accumulator = GramAccumulator(layer, np.zeros(len(rows), int), 0, (0, 0))
     for start in range(0, len(rows), batch):
         accumulator.add(rows[start : start + batch], start)
     exact = rows.astype(np.float64).T @ rows.astype(np.float64)
