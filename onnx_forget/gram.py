@@ -134,9 +134,9 @@ class GramAccumulator:
         if self.groups == 1 and 2 * vectors <= self.input_size:
             self.kept = np.empty((vectors, self.input_size), dtype=rows.dtype)
         elif vectors > FLOAT32_RUN_VECTORS or batches > FLOAT32_RUN_BATCHES:
-            self.total = _lower_triangle_zeros(self.shape, np.float64)
+            self.total = lower_triangle_zeros(self.shape, np.float64)
         else:
-            self.float32_run = _lower_triangle_zeros(self.shape, rows.dtype)
+            self.float32_run = lower_triangle_zeros(self.shape, rows.dtype)
 
     def _sum(self, by_group: np.ndarray) -> None:
         """Add the products of rows `[groups, n, d]` into the set's sums."""
@@ -153,7 +153,7 @@ class GramAccumulator:
         """Sum the vectors kept so far into a float64 total, which the set goes on in."""
         kept = self.kept[: self.vectors]
         self.kept = None
-        self.total = _lower_triangle_zeros(self.shape, np.float64)
+        self.total = lower_triangle_zeros(self.shape, np.float64)
         self._sum(kept[None])
 
     def _expected_size(self, batch_shape: tuple[int, ...], batch_vectors: int):
@@ -272,7 +272,7 @@ class GramAccumulator:
         return self._chosen[label]
 
 
-def _lower_triangle_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def lower_triangle_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """Zeros for sums kept in their lower triangles only (what `syrk` writes and
     `_add_lower_triangles` adds): an anonymous mapping in small pages, so that memory is
     taken only where a triangle is written. numpy's own
@@ -345,11 +345,16 @@ def _reach(geometry: ConvGeometry) -> list[int]:
     return [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
 
 
+def lower_triangle_blocks(size: int):
+    """`(start, stop)` of each block of rows of a `size x size` matrix: the lower
+    triangle lies within `[start:stop, :stop]`."""
+    for start in range(0, size, TRIANGLE_BLOCK):
+        yield start, min(size, start + TRIANGLE_BLOCK)
+
+
 def _mirror_lower_triangle(matrices: np.ndarray) -> None:
     """Copy each matrix's lower triangle onto its upper one, in place, in blocks of rows."""
-    size = matrices.shape[-1]
-    for start in range(0, size, TRIANGLE_BLOCK):
-        stop = start + TRIANGLE_BLOCK
+    for start, stop in lower_triangle_blocks(matrices.shape[-1]):
         matrices[:, start:stop, stop:] = matrices[:, stop:, start:stop].transpose(0, 2, 1)
         block = matrices[:, start:stop, start:stop]
         block[...] = np.tril(block) + np.tril(block, -1).transpose(0, 2, 1)
@@ -357,9 +362,7 @@ def _mirror_lower_triangle(matrices: np.ndarray) -> None:
 
 def _add_lower_triangles(total: np.ndarray, product: np.ndarray) -> None:
     """`total += product` over the lower triangles (and diagonal blocks) alone."""
-    size = total.shape[-1]
-    for start in range(0, size, TRIANGLE_BLOCK):
-        stop = start + TRIANGLE_BLOCK
+    for start, stop in lower_triangle_blocks(total.shape[-1]):
         total[:, start:stop, :stop] += product[:, start:stop, :stop]
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from .gram import Vectors
+from .gram import Vectors, lower_triangle_blocks, lower_triangle_zeros
 
 # Applies `P` to column blocks: `[groups, d, k]` -> `[groups, d, k]`.
 Projection = Callable[[np.ndarray], np.ndarray]
@@ -112,13 +112,18 @@ class _Importance:
         self.gram = None
         self.factor = None  # all-zero inputs: no energy, so M = 0
         if trace > 0:
-            energies = np.divide(gram, trace, dtype=np.float64)  # (1 / trace may overflow)
+            size = len(gram)
             if abs(alpha - 1.0) < NEAR_ONE:  # symmetric, from the lower triangle
+                energies = np.divide(gram, trace, dtype=np.float64)  # (1 / trace may overflow)
                 self.gram = np.tril(energies) + np.tril(energies, -1).T
-            # X / T = (alpha - 1) G / T + I, symmetric positive definite.
-            shifted = energies
-            shifted *= alpha - 1.0
-            shifted.flat[:: len(gram) + 1] += 1.0
+            # X / T = (alpha - 1) G / T + I, symmetric positive definite: its lower
+            # triangle, all LAPACK reads, in memory taken only there.
+            shifted = lower_triangle_zeros((size, size), np.float64)
+            for start, stop in lower_triangle_blocks(size):
+                block = shifted[start:stop, :stop]
+                np.divide(gram[start:stop, :stop], trace, out=block, dtype=np.float64)
+                block *= alpha - 1.0
+            shifted.flat[:: size + 1] += 1.0
             # LAPACK factors the Fortran-ordered transpose in place (the C-ordered array
             # itself would be copied first), reading its upper triangle: our lower one.
             self.factor = scipy.linalg.cho_factor(shifted.T, overwrite_a=True, check_finite=False)
