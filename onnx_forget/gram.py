@@ -26,6 +26,7 @@ from .layer_scan import ConvGeometry, Layer
 FLOAT32_RUN_VECTORS = 16_384
 FLOAT32_RUN_BATCHES = 16
 
+SMALL_PAGES_FROM = 4 << 20  # bytes: where numpy starts asking for 2 MB pages
 TRIANGLE_BLOCK = 256  # rows per step over a lower triangle (a mirrored block stays cached)
 
 # Adds `rows[g]^T rows[g]` of rows `[groups, n, d]` into the lower triangle (C order) of
@@ -274,15 +275,18 @@ class GramAccumulator:
 
 def lower_triangle_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """Zeros for sums kept in their lower triangles only (what `syrk` writes and
-    `_add_lower_triangles` adds): an anonymous mapping in small pages, so that memory is
-    taken only where a triangle is written. numpy's own
-    large arrays ask for 2 MB pages, which fault in the whole square, untouched half
-    included (ResNet-18's collection: 6.5 s this way, 7.2-7.6 s with `np.zeros`)."""
-    size = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
-    pages = mmap.mmap(-1, size)  # zero-filled by the kernel as each page is first written
+    `_add_lower_triangles` adds). From SMALL_PAGES_FROM bytes on, an anonymous mapping in
+    small pages, so that memory is taken only where a triangle is written: numpy asks for
+    2 MB pages for arrays that large, which fault in the whole square, untouched half
+    included (ResNet-18's collection: 6.5 s this way, 7.2-7.6 s with `np.zeros`). Smaller
+    ones (a depthwise conv's many 9 x 9 factors) are not worth a mapping each."""
+    count = math.prod(shape)
+    if count * np.dtype(dtype).itemsize < SMALL_PAGES_FROM:
+        return np.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, count * np.dtype(dtype).itemsize)  # zeroed as first written
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         pages.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(pages, dtype=dtype, count=math.prod(shape)).reshape(shape)
+    return np.frombuffer(pages, dtype=dtype, count=count).reshape(shape)
 
 
 class Scratch:

@@ -206,3 +206,23 @@ def test_factored_projection_equals_the_eigendecomposition(empty):
         ):
             got = SpacePair(retain, forget).projection(alpha_r, alpha_f)(np.eye(d)[None])[0]
             assert np.max(np.abs(got - expected)) <= 1e-10, (alpha_r, alpha_f, "vectors")
+
+
+def test_a_wide_factor_equals_the_eigendecomposition():
+    """Past SMALL_PAGES_FROM the factor's lower triangle is written block by block into
+    small pages (here 800 wide: four blocks, the last one partial); junk in the sums'
+    upper triangles is never read."""
+    rng = np.random.default_rng(4)
+    d = 800
+    grams = {}
+    for name, rank in (("retain", 300), ("forget", 100)):
+        activations = rng.normal(size=(d, rank))
+        grams[name] = activations @ activations.T
+    expected = np.eye(d) - (
+        _eigen_importance(grams["forget"], ALPHA_F)
+        - _eigen_importance(grams["forget"], ALPHA_F) @ _eigen_importance(grams["retain"], ALPHA_R)
+    )
+    junk = np.triu(rng.normal(size=(d, d)), 1)
+    pair = SpacePair(*((np.tril(grams[name]) + junk)[None] for name in ("retain", "forget")))
+    got = pair.projection(ALPHA_R, ALPHA_F)(np.eye(d)[None])[0]
+    assert np.max(np.abs(got - expected)) <= 1e-10

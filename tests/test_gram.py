@@ -35,7 +35,8 @@ def test_gram_agrees_with_float64_at_any_batch_size(batch, tolerance, width):
     """A set of many small batches sums in float64 batch by batch, so small batches are no
     less accurate than one float32 product of many rows (against an exact float64 sum; a
     float32 sum over every batch of one vector measured 1.7e-6 here). The float64 sum adds
-    lower triangles block by block (600 wide: three blocks)."""
+    lower triangles block by block; 800 and 1100 wide, the sums (float64, then one float32
+    run) are large enough to live in small pages."""
     rows = np.maximum(np.random.default_rng(0).normal(size=(3000, width)) + 0.5, 0)
     rows = rows.astype(np.float32)
     layer = _fully_connected_layer(width)
