@@ -159,7 +159,7 @@ class _Importance:
 class _VectorImportance:
     """`M` of a set kept as its vectors `A` `[n, d]`, through `n x n` factors.
 
-    With `K = A A^T`, `G (X / T)^{-1} = A^T ((alpha - 1) K / T + I)^{-1} A / T` (the
+    With `K = A A^T`, `G X^{-1} = A^T ((alpha - 1) K / T + I)^{-1} A / T` (the
     push-through identity), so with `A' = A / sqrt(T)` (its `K'` has trace 1):
 
         M = alpha A'^T Y^{-1} A',    Y = (alpha - 1) K' + I.
