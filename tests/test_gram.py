@@ -28,16 +28,23 @@ def _fully_connected_layer(width: int = WIDTH):
 
 
 @pytest.mark.parametrize(
-    ("batch", "tolerance", "width"),
-    [(1, 1e-7, WIDTH), (7, 1e-7, WIDTH), (7, 1e-7, 600), (512, 1e-6, WIDTH)],
+    ("batch", "tolerance", "width", "count"),
+    [
+        (1, 1e-7, WIDTH, 3000),
+        (7, 1e-7, WIDTH, 3000),
+        (300, 1e-6, 800, 6000),
+        (512, 1e-6, WIDTH, 3000),
+        (512, 1e-6, 1100, 3000),
+    ],
 )
-def test_gram_agrees_with_float64_at_any_batch_size(batch, tolerance, width):
-    """A set of many small batches sums in float64 batch by batch, so small batches are no
-    less accurate than one float32 product of many rows (against an exact float64 sum; a
-    float32 sum over every batch of one vector measured 1.7e-6 here). The float64 sum adds
-    lower triangles block by block; 800 and 1100 wide, the sums (float64, then one float32
-    run) are large enough to live in small pages."""
-    rows = np.maximum(np.random.default_rng(0).normal(size=(3000, width)) + 0.5, 0)
+def test_gram_agrees_with_float64_at_any_batch_size(batch, tolerance, width, count):
+    """A set of many small batches sums in float64 batch by batch (a batch of fewer than
+    FLOAT64_PRODUCT_BELOW vectors even makes its product in float64), so small batches are
+    no less accurate than one float32 product of many rows (against an exact float64 sum; a
+    float32 sum over every batch of one vector measured 1.7e-6 here). Batches of 300 over
+    800 wide add float32 products into a float64 total triangle by triangle; 800 and 1100
+    wide, the sums (float64, then one float32 run) are large enough for small pages."""
+    rows = np.maximum(np.random.default_rng(0).normal(size=(count, width)) + 0.5, 0)
     rows = rows.astype(np.float32)
     layer = _fully_connected_layer(width)
     accumulator = GramAccumulator(layer, np.zeros(len(rows), int), 0, (0, 0))
