@@ -55,7 +55,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
 import onnx_forget
-from onnx_forget.gram import numpy_gram_update, output_shape, statistic_layers
+from onnx_forget.gram import keeps_vectors, numpy_gram_update, output_shape, statistic_layers
 from onnx_forget.options import DEFAULT_ALPHA_F, DEFAULT_ALPHA_R, DEFAULT_MAX_PATCHES
 from onnx_forget.runtime import CPU, CUDA, session_providers
 
@@ -474,11 +474,10 @@ def memory_bound(model: Path, x, args) -> dict[str, float]:
 def gram_floor(model: Path, x, args) -> dict[str, float]:
     """What collection cannot go below with this statistics choice: the Gram
     multiply-adds of the run's retain and forget sets (each class's rows, its conv patches
-    capped at the patch budget; a one-group set of at most d / 2 vectors is kept as its
-    vectors, whose products are made with the factors instead) and this machine's rate
-    for them, measured now on the same
-    numpy update the run uses: its fastest of 7 tries, since a floor is what the machine
-    can do (a median of 3 once read 111 G/s where other runs read 180-207)."""
+    capped at the patch budget; a set kept as its vectors has its products made with the
+    factors instead) and this machine's rate for them, measured now on the same numpy
+    update the run uses: its fastest of 7 tries, since a floor is what the machine can do
+    (a median of 3 once read 111 G/s where other runs read 180-207)."""
     layers = statistic_layers(onnx_forget.layers(model).layers)
     proto = onnx.load(str(model))
     session = tapped_session(proto, [layer.input for layer in layers], PROVIDERS[args.device])
@@ -495,7 +494,7 @@ def gram_floor(model: Path, x, args) -> dict[str, float]:
                 min(n * rows, DEFAULT_MAX_PATCHES) if layer.geometry else n * rows
                 for n in per_class
             )
-            if layer.groups > 1 or 2 * vectors > layer.input_size:
+            if not keeps_vectors(layer.groups, layer.input_size, vectors):
                 multiply_adds += vectors * layer.groups * layer.input_size**2
     sample = np.random.default_rng(SEED).standard_normal((1, 8192, 1152), np.float32)
     sums = np.zeros((1, 1152, 1152), np.float32)

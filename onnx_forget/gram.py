@@ -62,6 +62,11 @@ class Vectors:
     rows: np.ndarray
 
 
+def keeps_vectors(groups: int, size: int, vectors: int) -> bool:
+    """Whether a set of `vectors` input vectors of `size` is kept as its `Vectors`."""
+    return groups == 1 and 2 * vectors <= size
+
+
 class GramAccumulator:
     """Sum of `x x^T` over one sample set's input vectors of one statistic, per group.
 
@@ -136,7 +141,7 @@ class GramAccumulator:
         `rows` `[n, groups, d]`): its vectors themselves where they will be at most half as
         many as their dimension (one group), else a float32 run or a float64 total."""
         vectors, batches = self._expected_size(batch_shape, len(rows))
-        if self.groups == 1 and 2 * vectors <= self.input_size:
+        if keeps_vectors(self.groups, self.input_size, vectors):
             self.kept = np.empty((vectors, self.input_size), dtype=rows.dtype)
         elif vectors > FLOAT32_RUN_VECTORS or batches > FLOAT32_RUN_BATCHES:
             self.total = lower_triangle_zeros(self.shape, np.float64)
@@ -287,9 +292,10 @@ def lower_triangle_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     included (ResNet-18's collection: 6.5 s this way, 7.2-7.6 s with `np.zeros`). Smaller
     ones (a depthwise conv's many 9 x 9 factors) are not worth a mapping each."""
     count = math.prod(shape)
-    if count * np.dtype(dtype).itemsize < SMALL_PAGES_FROM:
+    size = count * np.dtype(dtype).itemsize
+    if size < SMALL_PAGES_FROM:
         return np.zeros(shape, dtype=dtype)
-    pages = mmap.mmap(-1, count * np.dtype(dtype).itemsize)  # zeroed as first written
+    pages = mmap.mmap(-1, size)  # zeroed as first written
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         pages.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(pages, dtype=dtype, count=count).reshape(shape)
