@@ -1,7 +1,8 @@
 """How deep to project on the real pretrained fixture: every layer, the depth search, or
 every layer with a depth-aware edit schedule (smaller edits early, as in DAMP).
 
-    python benchmarks/depth.py [--classes 285,967,665] [--schedules 1,2]
+    python benchmarks/depth.py [--classes 285,967,665] [--schedules 1,2] [--max-patches N]
+                               [--ways all,auto,held-out,schedules]
 
 For each covered class forgotten in turn, and each way of choosing, the held-out crops'
 figures (fixtures/imagenet_photos/heldout): forget accuracy, the top-1 agreement with the
@@ -76,10 +77,10 @@ def forgotten_by(forgotten: int, **options) -> dict:
     return {**held_out_figures(result.model, forgotten), "depth": depth, "seconds": seconds}
 
 
-def scheduled(forgotten: int, power: float) -> dict:
+def scheduled(forgotten: int, power: float, max_patches: int) -> dict:
     """Every layer projected with the edit scaled by depth, then the head refitted."""
     start = time.perf_counter()
-    opened = OpenedModel.of(MODEL, ForgetOptions(**SETTINGS))
+    opened = OpenedModel.of(MODEL, ForgetOptions(max_patches=max_patches, **SETTINGS))
     samples = opened.samples(TRAIN)
     retain, forget = choose_sets(opened, samples, [forgotten], None)
     measured = pass_over_samples(
@@ -102,20 +103,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", default="285,967,665")
     parser.add_argument("--schedules", default="1,2", help="powers p of the edit schedule")
+    parser.add_argument(
+        "--max-patches", type=int, default=ForgetOptions().max_patches, help="per layer and class"
+    )
+    parser.add_argument("--ways", default="all,auto,held-out,schedules")
     args = parser.parse_args()
+    patches = args.max_patches
     ways = {
-        "all layers": lambda c: forgotten_by(c, depth="all"),
-        "auto, validated on a split": lambda c: forgotten_by(c, depth="auto"),
-        "auto, validated on held-out": lambda c: forgotten_by(
-            c, depth="auto", eval_samples=HELD_OUT
+        "all layers": ("all", lambda c: forgotten_by(c, depth="all", max_patches=patches)),
+        "auto, validated on a split": (
+            "auto",
+            lambda c: forgotten_by(c, depth="auto", max_patches=patches),
+        ),
+        "auto, validated on held-out": (
+            "held-out",
+            lambda c: forgotten_by(c, depth="auto", eval_samples=HELD_OUT, max_patches=patches),
         ),
         **{
-            f"all, schedule p={p}": (lambda c, p=float(p): scheduled(c, p))
+            f"all, schedule p={p}": ("schedules", lambda c, p=float(p): scheduled(c, p, patches))
             for p in args.schedules.split(",")
             if p
         },
     }
-    print(f"{MODEL.name}, held-out crops (%); agreement: the other covered classes' crops")
+    chosen = args.ways.split(",")
+    ways = {name: way for name, (key, way) in ways.items() if key in chosen}
+    print(
+        f"{MODEL.name}, --max-patches {patches}, held-out crops (%); agreement: the other "
+        "covered classes' crops"
+    )
     print(
         f"{'class':>5} {'way':<28} {'forget':>6} {'agree':>6} {'uncovered agree':>16} "
         f"{'probe':>13} {'depth':>5} {'time':>6}"

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--models mnist_cnn,mnist_resnet] [--methods paper,head-repair]
                                  [--classes 0,3,8] [--depth all|auto|N] [--seed N]
-                                 [--per-class]
+                                 [--max-patches N] [--per-class]
 
 Each run sees only the sample folder (a depth search validates on a split of it); both
 models are then scored on the held-out set. For each model and method, one row: held-out
@@ -126,11 +126,15 @@ def main() -> None:
     parser.add_argument("--classes", default=",".join(map(str, range(10))))
     parser.add_argument("--depth", default=ForgetOptions().depth, help="all, auto or N")
     parser.add_argument("--seed", type=int, default=ForgetOptions().seed, help="sampling seed")
+    parser.add_argument(
+        "--max-patches", type=int, default=ForgetOptions().max_patches, help="per layer and class"
+    )
     parser.add_argument("--per-class", action="store_true", help="print every run too")
     args = parser.parse_args()
     classes = [int(c) for c in args.classes.split(",")]
     print(
-        f"held-out accuracy %, mean over classes {args.classes}; goal: forget <= "
+        f"--max-patches {args.max_patches}; held-out accuracy %, mean over classes "
+        f"{args.classes}; goal: forget <= "
         f"{FORGET_GOAL:g}, retain drop <= {RETAIN_DROP_GOAL:g}"
     )
     header = (
@@ -148,7 +152,12 @@ def main() -> None:
         for method in args.methods.split(","):
             rows = []
             for forgotten in classes:
-                options = {"method": method, "depth": args.depth, "seed": args.seed}
+                options = {
+                    "method": method,
+                    "depth": args.depth,
+                    "seed": args.seed,
+                    "max_patches": args.max_patches,
+                }
                 row = run(model, FIXTURES / held_out_file, options, forgotten)
                 rows.append(row)
                 if name == "mnist_cnn":
