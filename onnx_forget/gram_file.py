@@ -140,9 +140,16 @@ def merge_statistics(parts: list[ClassStatistics], origins: list[str]) -> ClassS
     for part, origin in zip(parts[1:], origins[1:]):
         for field in ("model_sha256", "statistics", "options"):
             if getattr(part, field) != getattr(first, field):
+                what = f"{field.replace('_', ' ')} differs from {origins[0]}'s"
+                if field == "options":  # name the option: a default may have changed
+                    name = next(k for k in part.options if part.options[k] != first.options.get(k))
+                    what = (
+                        f"options differ: {name} is {part.options[name]!r}, "
+                        f"{first.options.get(name)!r} in {origins[0]}"
+                    )
                 raise InputError(
-                    f"{origin}: {field.replace('_', ' ')} differs from {origins[0]}'s; "
-                    "only statistics of the same model collected with the same options add up"
+                    f"{origin}: {what}; only statistics of the same model collected with "
+                    "the same options add up"
                 )
     merged = ClassStatistics(first.model_sha256, first.statistics, first.options, {}, {}, {})
     for part in parts:
