@@ -142,9 +142,10 @@ def merge_statistics(parts: list[ClassStatistics], origins: list[str]) -> ClassS
             if getattr(part, field) != getattr(first, field):
                 what = f"{field.replace('_', ' ')} differs from {origins[0]}'s"
                 if field == "options":  # name the option: a default may have changed
-                    name = next(k for k in part.options if part.options[k] != first.options.get(k))
+                    names = sorted({*part.options, *first.options})
+                    name = next(n for n in names if part.options.get(n) != first.options.get(n))
                     what = (
-                        f"options differ: {name} is {part.options[name]!r}, "
+                        f"options differ: {name} is {part.options.get(name)!r}, "
                         f"{first.options.get(name)!r} in {origins[0]}"
                     )
                 raise InputError(
