@@ -39,6 +39,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MODEL = FIXTURES / "imagenet_efficientnet_lite0.onnx"
 TRAIN = FIXTURES / "imagenet_photos" / "train"
 HELD_OUT = FIXTURES / "imagenet_photos" / "heldout"
+WAYS = ("all", "auto", "held-out", "schedules")  # what --ways chooses from
 SETTINGS = {
     "class_names": FIXTURES / "imagenet_classes.txt",
     "preprocessing": Preprocessing(scale=1.0, mean=(127.0,) * 3, std=(128.0,) * 3),
@@ -106,10 +107,16 @@ def main() -> None:
     parser.add_argument(
         "--max-patches", type=int, default=ForgetOptions().max_patches, help="per layer and class"
     )
-    parser.add_argument("--ways", default="all,auto,held-out,schedules")
+    parser.add_argument(
+        "--ways", default=",".join(WAYS), help=f"some of {', '.join(WAYS)}, comma-separated"
+    )
     args = parser.parse_args()
+    chosen = args.ways.split(",")
+    unknown = sorted(set(chosen) - set(WAYS))
+    if unknown:
+        parser.error(f"--ways: no way named {', '.join(unknown)} (known: {', '.join(WAYS)})")
     patches = args.max_patches
-    ways = {
+    candidates = {
         "all layers": ("all", lambda c: forgotten_by(c, depth="all", max_patches=patches)),
         "auto, validated on a split": (
             "auto",
@@ -125,8 +132,7 @@ def main() -> None:
             if p
         },
     }
-    chosen = args.ways.split(",")
-    ways = {name: way for name, (key, way) in ways.items() if key in chosen}
+    ways = {name: way for name, (key, way) in candidates.items() if key in chosen}
     print(
         f"{MODEL.name}, --max-patches {patches}, held-out crops (%); agreement: the other "
         "covered classes' crops"

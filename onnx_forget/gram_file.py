@@ -140,14 +140,10 @@ def merge_statistics(parts: list[ClassStatistics], origins: list[str]) -> ClassS
     for part, origin in zip(parts[1:], origins[1:]):
         for field in ("model_sha256", "statistics", "options"):
             if getattr(part, field) != getattr(first, field):
-                what = f"{field.replace('_', ' ')} differs from {origins[0]}'s"
                 if field == "options":  # name the option: a default may have changed
-                    names = sorted({*part.options, *first.options})
-                    name = next(n for n in names if part.options.get(n) != first.options.get(n))
-                    what = (
-                        f"options differ: {name} is {part.options.get(name)!r}, "
-                        f"{first.options.get(name)!r} in {origins[0]}"
-                    )
+                    what = _option_difference(part.options, first.options, origins[0])
+                else:
+                    what = f"{field.replace('_', ' ')} differs from {origins[0]}'s"
                 raise InputError(
                     f"{origin}: {what}; only statistics of the same model collected with "
                     "the same options add up"
@@ -160,6 +156,23 @@ def merge_statistics(parts: list[ClassStatistics], origins: list[str]) -> ClassS
             merged.grams[key] = merged.grams[key] + gram if key in merged.grams else gram.copy()
             merged.vectors[key] = merged.vectors.get(key, 0) + part.vectors[key]
     return merged
+
+
+def _option_difference(options: dict, first: dict, first_origin: str) -> str:
+    """The first option (by name) two unequal option sets give differently."""
+    absent = object()
+
+    def shown(value) -> str:
+        return "absent" if value is absent else repr(value)
+
+    differing = sorted(
+        n for n in {*options, *first} if options.get(n, absent) != first.get(n, absent)
+    )
+    name = differing[0]
+    return (
+        f"options differ: {name} is {shown(options.get(name, absent))}, "
+        f"{shown(first.get(name, absent))} in {first_origin}"
+    )
 
 
 def _upper_triangle(grams: np.ndarray) -> np.ndarray:

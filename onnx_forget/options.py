@@ -20,7 +20,7 @@ DEFAULT_FORGET_SAMPLES = 500
 # Conv patches per layer and class: the paper's 10,000 per layer and set is 2,000 for each
 # of five classes. Held-out quality measured the same from 10,000 down to 500 per class on
 # the MNIST CNNs and down to 1,000 on the real EfficientNet (docs/benchmarks.md, "Patch
-# budget"), while a budget of 10,000 per class summed up to 8 times the paper's patches.
+# budget"), while 10,000 per class gave a retain set of N classes N times the paper's.
 DEFAULT_MAX_PATCHES = 2_000
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_SEED = 0

@@ -92,6 +92,17 @@ def test_merge_refuses_statistics_collected_with_other_options(tmp_path, digits)
         onnx_forget.merge([tmp_path / "a.npz", tmp_path / "b.npz"])
 
 
+def test_merge_names_an_option_only_one_file_has(tmp_path, digits):
+    """Option sets of different keys (a file from another version) are named too, even
+    where the extra key holds None."""
+    onnx_forget.collect(MODEL, digits, classes=[1]).save(tmp_path / "a.npz")
+    b = onnx_forget.collect(MODEL, digits, classes=[2])
+    b.options["added later"] = None
+    b.save(tmp_path / "b.npz")
+    with pytest.raises(InputError, match="options differ: added later is None, absent in"):
+        onnx_forget.merge([tmp_path / "a.npz", tmp_path / "b.npz"])
+
+
 def test_statistics_file_is_never_unpickled(tmp_path):
     """An object array where the header should be is refused, not loaded."""
     np.savez(tmp_path / "evil.npz", header=np.array([{"format": 1}], dtype=object))
