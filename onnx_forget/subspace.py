@@ -173,7 +173,7 @@ class _VectorImportance:
         self.alpha = alpha
         self.rows = None  # no vectors, or all zero: no energy, so M = 0
         scaled = rows.astype(np.float64)
-        largest = np.abs(scaled).max(initial=0.0)
+        largest = max(-scaled.min(initial=0.0), scaled.max(initial=0.0))  # no |rows| copy
         if largest > 0:
             scaled /= largest  # so that the trace can neither overflow nor underflow
             scaled /= np.sqrt(np.einsum("ij,ij->", scaled, scaled))
