@@ -455,11 +455,20 @@ def _probe_model() -> bytes:
 
 def _session(payload, options, provider: str) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(payload, options, **session_providers(provider))
+        session = ort.InferenceSession(payload, options, **session_providers(provider))
     except ORT_ERRORS as error:
         raise UnsupportedModelError(
             f"onnxruntime ({provider}) cannot load the model: {_first_line(error)}"
         ) from None
+    # A provider failing in a run is the Runner's to handle (`cpu_fallback`), not
+    # onnxruntime's own fallback, which prints to stdout and starts the session again from
+    # the model's bytes. Without it those bytes, which its Python session keeps for good,
+    # are dead weight: the model's size again (330 MB on ViT-B/16) for as long as the
+    # session lives.
+    session.disable_fallback()
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
+    return session
 
 
 def session_providers(provider: str) -> dict:
