@@ -168,6 +168,9 @@ class _FailingOnCuda:
     def get_providers(self):
         return self.providers
 
+    def disable_fallback(self):
+        self.real.disable_fallback()
+
     def get_outputs(self):
         return self.real.get_outputs()
 
