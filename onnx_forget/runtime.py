@@ -168,7 +168,7 @@ class Runner:
             # batches were sized against 317 MiB that glibc still held (1 sample, not 4).
             # Only then, as pages handed back are faulted in again when next used
             # (ResNet-18, whose batch fits anyway: 0.25 s more collection).
-            release_freed_heap()
+            _release_freed_heap()
             in_use = memory_in_use()
         fits = fitting(in_use)
         if fits >= self.batch_size:
@@ -282,7 +282,7 @@ def memory_in_use() -> int:
     """The resident memory of this process now, in bytes: from /proc on Linux, else the
     most it has used so far (0 where the platform says neither). Not the peak where it
     can be helped: an earlier run's peak would starve every later run in the process.
-    Memory freed but kept by the C allocator is counted (`release_freed_heap`)."""
+    Memory freed but kept by the C allocator is counted (`_release_freed_heap`)."""
     try:
         resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         return resident_pages * os.sysconf("SC_PAGE_SIZE")
@@ -305,7 +305,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def release_freed_heap() -> None:
+def _release_freed_heap() -> None:
     """Give the memory the C allocator keeps of what was freed back to the system."""
     trim = _malloc_trim()
     if trim is not None:

@@ -83,12 +83,19 @@ def test_statistics_of_another_model_are_refused(tmp_path, digits):
         onnx_forget.forget(tmp_path / "other.onnx", 3, stats=tmp_path / "stats.npz")
 
 
-def test_merge_refuses_statistics_collected_with_other_options(tmp_path, digits):
+@pytest.mark.parametrize(
+    ("first", "message"),
+    [
+        ({"seed": 1}, r"options differ: seed is 0, 1 in .*a\.npz"),
+        ({"max_patches": 10_000}, r"options differ: max_patches is 2000, 10000 in .*a\.npz"),
+    ],
+)
+def test_merge_refuses_statistics_collected_with_other_options(tmp_path, digits, first, message):
     """The error names the option, so that files collected before a default changed
     (the patch budget's, 10,000 to 2,000) say how to collect a match."""
-    onnx_forget.collect(MODEL, digits, classes=[1], max_patches=10_000).save(tmp_path / "a.npz")
+    onnx_forget.collect(MODEL, digits, classes=[1], **first).save(tmp_path / "a.npz")
     onnx_forget.collect(MODEL, digits, classes=[2]).save(tmp_path / "b.npz")
-    with pytest.raises(InputError, match=r"options differ: max_patches is 2000, 10000 in .*a\.npz"):
+    with pytest.raises(InputError, match=message):
         onnx_forget.merge([tmp_path / "a.npz", tmp_path / "b.npz"])
 
 
